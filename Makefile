@@ -9,7 +9,7 @@ CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
 NBVAL_ARGS := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600
 
-.PHONY: install book test lab notebooks clean-nb lint clean
+.PHONY: install book test browser-test lab notebooks clean-nb lint clean
 
 install: $(STAMP)
 
@@ -27,7 +27,13 @@ book: install
 	@echo "book written to _build/html/index.html"
 
 test: install
-	$(BIN)/python -m pytest tests chapters $(NBVAL_ARGS) -p no:cacheprovider -q
+	$(BIN)/python -m pytest tests chapters --ignore=tests/browser $(NBVAL_ARGS) -p no:cacheprovider -q
+
+# The rendered book in headless Chromium (Debian's package; Playwright drives it, no browser
+# download). Needs `make book` first; installs chromium with apt-get when missing and root.
+browser-test: install
+	test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+	$(BIN)/python -m pytest tests/browser -p no:cacheprovider -q
 
 lab: install
 	$(BIN)/jupyter lab chapters/

@@ -1,0 +1,141 @@
+"""The rendered book as a reader meets it, in a real browser (Debian's headless Chromium).
+
+Run by `make browser-test` after `make book` (and by .ci/run). It serves `_build/html` on
+127.0.0.1, opens every page, and checks: no console errors or uncaught exceptions, no broken
+internal links or images, math rendered by MathJax, search finds a term. Requests that would
+leave 127.0.0.1 are blocked, so the book must be complete offline. Screenshots of three pages go
+to `_build/screenshots/`.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlparse
+
+import pytest
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parents[2]
+HTML = ROOT / "_build" / "html"
+SHOTS = ROOT / "_build" / "screenshots"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def pages() -> list[str]:
+    # index.html only redirects to the root page (intro.html).
+    skip = {"genindex.html", "search.html", "index.html"}
+    found = []
+    for path in sorted(HTML.rglob("*.html")):
+        rel = path.relative_to(HTML).as_posix()
+        if rel.startswith(("_static/", "_sources/", "_images/")) or rel in skip:
+            continue
+        found.append(rel)
+    return found
+
+
+@pytest.fixture(scope="module")
+def server():
+    if not (HTML / "index.html").exists():
+        pytest.fail("_build/html/index.html is missing: run `make book` first")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(HTML))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: `apt-get install chromium` (make browser-test does it)")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    """Open `url` with outside requests blocked; return (page, console errors, failed requests)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, failed = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.route("**/*", lambda route: route.continue_() if "127.0.0.1" in route.request.url else route.abort())
+    page.goto(url, wait_until="load")
+    return page, errors, failed
+
+
+def test_every_page_loads_clean_with_working_links_images_and_math(server, browser):
+    problems = []
+    all_pages = pages()
+    assert "intro.html" in all_pages and len(all_pages) >= 2
+    for rel in all_pages:
+        page, errors, failed = open_page(browser, urljoin(server, rel))
+        local_failed = [u for u in failed if "127.0.0.1" in u]
+        if errors:
+            problems.append(f"{rel}: console errors {errors[:3]}")
+        if local_failed:
+            problems.append(f"{rel}: failed requests {local_failed[:3]}")
+        for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))"):
+            parsed = urlparse(href)
+            if parsed.scheme or href.startswith(("#", "mailto:")) or not parsed.path:
+                continue
+            target = (HTML / rel).parent / unquote(parsed.path)
+            if not target.resolve().exists():
+                problems.append(f"{rel}: broken link {href}")
+        broken_images = page.eval_on_selector_all(
+            "img", "els => els.filter(e => !(e.complete && e.naturalWidth > 0)).map(e => e.src)"
+        )
+        if broken_images:
+            problems.append(f"{rel}: broken images {broken_images[:3]}")
+        if page.locator(".math").count():
+            try:
+                page.wait_for_selector("mjx-container", timeout=15_000)
+            except playwright.TimeoutError:
+                problems.append(f"{rel}: math present but MathJax rendered nothing")
+            else:
+                raw = page.eval_on_selector_all(
+                    ".math", "els => els.filter(e => !e.querySelector('mjx-container')).length"
+                )
+                if raw:
+                    problems.append(f"{rel}: {raw} math elements left unrendered")
+        page.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_search_finds_lora(server, browser):
+    page, errors, _ = open_page(browser, urljoin(server, "search.html?q=adapter"))
+    page.wait_for_selector("#search-results li, ul.search li", timeout=20_000)
+    hits = page.locator("ul.search li").count()
+    page.close()
+    assert hits > 0, "search for 'adapter' found nothing"
+    assert not errors, errors
+
+
+def test_screenshots_of_three_pages(server, browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    chapters = [p for p in pages() if p.startswith("chapters/")]
+    chosen = ["intro.html", *chapters[:1], *chapters[-1:]][:3]
+    for rel in chosen:
+        page, _, _ = open_page(browser, urljoin(server, rel))
+        out = SHOTS / (rel.replace("/", "_").removesuffix(".html") + ".png")
+        page.screenshot(path=str(out), full_page=False)
+        page.close()
+        assert out.stat().st_size > 10_000, f"{out} looks empty"
