@@ -5,6 +5,7 @@
 - every code cell that prints or displays has been executed, and no cell holds an error;
 - execution counts run 1..n in cell order, volatile metadata is stripped (`make clean-nb` fixes that);
 - no absolute path of the machine that ran it, no output image over 300 KB;
+- code lines fit the page (80 characters), so nothing scrolls sideways;
 - the Colab setup cell comes first and uses _config.yml's repository URL;
 - nbval compares at least 60% of the output-bearing code cells.
 """
@@ -27,6 +28,7 @@ import nb as nbtool  # noqa: E402
 CHAPTERS = ROOT / "chapters"
 NOTEBOOKS = sorted(CHAPTERS.glob("*.ipynb"))
 IGNORE_TAGS = {"nbval-ignore-output", "nbval-skip", "raises-exception"}
+MAX_LINE = 80  # what the book's code column shows without a horizontal scrollbar
 MACHINE_PATHS = re.compile(r"/work/|/root/|/home/\w+/|\.venv/lib")
 
 
@@ -115,10 +117,18 @@ def test_setup_and_parameters_cells_come_first(path):
         f"setup cell must clone {repo_url} (_config.yml repository.url)"
     )
     assert '"google.colab" in sys.modules' in setup, "the setup cell must do nothing outside Colab"
-    assert "torch" not in setup.replace("keeps Colab's own torch", ""), (
-        "the setup cell must never reinstall torch"
-    )
+    code = "\n".join(line for line in setup.splitlines() if not line.lstrip().startswith("#"))
+    assert "torch" not in code, "the setup cell must never install or reinstall torch"
     assert params.startswith("# Parameters"), "the second code cell must be the parameters cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_fits_the_page_without_horizontal_scrolling(path):
+    for i, cell in enumerate(code_cells(nbformat.read(path, as_version=4))):
+        for line in cell.source.splitlines():
+            assert len(line) <= MAX_LINE, (
+                f"code cell {i}: line of {len(line)} chars (max {MAX_LINE}): {line!r}"
+            )
 
 
 def test_nbval_compares_at_least_60_percent_of_output_cells():

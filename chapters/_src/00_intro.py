@@ -6,19 +6,24 @@
 # - count the parameters of a 7-billion-parameter model without downloading it;
 # - meet the tiny base model that every later chapter patches.
 
-# %% tags=["remove-output"]
-# Colab setup: in Google Colab this installs LoRA Lab and the extras this chapter needs
-# (it keeps Colab's own torch); anywhere else it does nothing.
-import os, subprocess, sys  # noqa: E401
+# %% tags=["hide-cell"]
+# Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
+# torch build); does nothing anywhere else.
+import os
+import subprocess
+import sys
 
-REPO_URL = "https://github.com/lora-lab/lora-lab"  # = repository.url in _config.yml
-EXTRAS = "train"
+REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
+EXTRAS = "train"  # pip extras this chapter needs
+HOME = "/content/lora-lab"
 if "google.colab" in sys.modules:
-    if not os.path.isdir("/content/lora-lab"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/lora-lab"], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"/content/lora-lab[{EXTRAS}]"], check=True)
-    os.chdir("/content/lora-lab/chapters")
-    sys.path.insert(0, "/content/lora-lab")
+    if not os.path.isdir(HOME):
+        clone = ["git", "clone", "--depth", "1", REPO_URL, HOME]
+        subprocess.run(clone, check=True)
+        pip = [sys.executable, "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
+    os.chdir(f"{HOME}/chapters")
+    sys.path.insert(0, HOME)
 
 # %%
 # Parameters: change these to run the chapter on another model or device.
@@ -43,8 +48,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 llama2_7b = LlamaConfig(
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    vocab_size=32000,
+    tie_word_embeddings=False,
 )
 with torch.device("meta"):
     model_7b = LlamaForCausalLM(llama2_7b)

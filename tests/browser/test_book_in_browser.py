@@ -2,7 +2,8 @@
 
 Run by `make browser-test` after `make book` (and by .ci/run). It serves `_build/html` on
 127.0.0.1, opens every page, and checks: no console errors or uncaught exceptions, no broken
-internal links or images, math rendered by MathJax, search finds a term. Requests that would
+internal links or images, no code block scrolling sideways, math rendered by MathJax, search
+finds a term. Requests that would
 leave 127.0.0.1 are blocked, so the book must be complete offline. Screenshots of three pages go
 to `_build/screenshots/`.
 """
@@ -105,6 +106,12 @@ def test_every_page_loads_clean_with_working_links_images_and_math(server, brows
         )
         if broken_images:
             problems.append(f"{rel}: broken images {broken_images[:3]}")
+        wide = page.eval_on_selector_all(
+            ".cell_input pre, div.highlight pre",
+            "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).length",
+        )
+        if wide:
+            problems.append(f"{rel}: {wide} code blocks scroll horizontally")
         if page.locator(".math").count():
             try:
                 page.wait_for_selector("mjx-container", timeout=15_000)
