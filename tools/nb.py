@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ROOT / "chapters"
 SOURCES = CHAPTERS / "_src"
 TIMES = ROOT / "data" / "results" / "notebook_times.json"
+TIMES_PAGE = ROOT / "reference" / "timings.md"
 
 # Cell metadata worth keeping; everything else (execution timings, collapsed state, ids of
 # widgets) changes from run to run and only makes diffs noisy.
@@ -86,6 +87,22 @@ def record_time(name: str, seconds: float) -> None:
     times[name] = round(seconds, 1)
     TIMES.parent.mkdir(parents=True, exist_ok=True)
     TIMES.write_text(json.dumps(dict(sorted(times.items())), indent=2) + "\n")
+    write_times_page(times)
+
+
+def write_times_page(times: dict[str, float]) -> None:
+    """The book's page listing how long each notebook takes to run top to bottom."""
+    rows = "\n".join(
+        f"| [{name}](../chapters/{name}.ipynb) | {sec:.0f} |" for name, sec in sorted(times.items())
+    )
+    TIMES_PAGE.write_text(
+        "# Notebook run times\n\n"
+        "Wall-clock seconds to execute each chapter top to bottom on the 2-core CPU machine the book is\n"
+        "built on (no GPU), as measured by `python tools/nb.py build` when the notebook was last\n"
+        "stored. The budget is 180 s per chapter; on a Colab GPU the training cells run faster.\n\n"
+        f"| notebook | seconds |\n|---|---|\n{rows}\n\n"
+        f"Total: {sum(times.values()):.0f} s.\n"
+    )
 
 
 def main(argv: list[str]) -> int:
