@@ -1,0 +1,413 @@
+"""Save and load LoRA adapters in PEFT's file format ("shipping the patch").
+
+An adapter is a folder of two files, exactly as PEFT writes them:
+
+    adapter_config.json          r, lora_alpha, target_modules, ... (json, indent=2, sorted keys)
+    adapter_model.safetensors    base_model.model.<layer>.lora_A.weight  [r, in]
+                                 base_model.model.<layer>.lora_B.weight  [out, r]
+
+so a folder saved here loads with `peft.PeftModel.from_pretrained` (and vLLM's LoRA loader),
+and a folder PEFT saved loads here. It holds only the patch: megabytes next to a base model
+of gigabytes.
+
+    save_adapter(model, "out/sql-adapter", base_model_name_or_path="data/models/tiny-base")
+    model = load_adapter(base_model, "out/sql-adapter")    # injects LoRA if needed, loads A and B
+    config, tensors = read_adapter("out/sql-adapter")      # the raw contents, for other tools
+
+Loading checks everything (files, config, every tensor name and shape) before it changes the
+model, so an error leaves the model as it was. Pickle files (`adapter_model.bin`) can run code
+when loaded: they are refused unless `allow_pickle=True`, and then read with
+`torch.load(weights_only=True)`.
+
+Left out: several adapters per folder or per model (registries and switching build on
+`read_adapter`), DoRA magnitudes, embedding LoRA, `modules_to_save`, `rank_pattern` /
+`alpha_pattern`.
+
+References: PEFT `utils/save_and_load.py` (`get_peft_model_state_dict`, `load_peft_weights`),
+`config.py` (`PeftConfigMixin.save_pretrained`), `utils/constants.py` (file names);
+the safetensors format (https://github.com/huggingface/safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_lab.inject import LoRAConfig, add_lora, has_lora, lora_layers, resolve_target_modules
+from lora_lab.layers import base_in_out_features, lora_scaling
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PICKLE_WEIGHTS_NAME",
+    "PEFT_PREFIX",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "adapter_state_dict",
+    "adapter_config_dict",
+    "config_from_dict",
+    "split_peft_key",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model: two wrappers' attribute names
+
+
+# ---------------------------------------------------------------------------- names and config
+
+
+def split_peft_key(key: str) -> tuple[str, str]:
+    """`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` -> (`model.layers.0.self_attn.q_proj`, `lora_A`).
+
+    ValueError for a key that is not a plain LoRA A/B weight (DoRA, embeddings, modules_to_save...).
+    """
+    name = key.removeprefix(PEFT_PREFIX)
+    for part in ("lora_A", "lora_B"):
+        suffix = f".{part}.weight"
+        if name.endswith(suffix) and name != suffix[1:]:
+            return name[: -len(suffix)], part
+    raise ValueError(
+        f"adapter tensor {key!r} is not a LoRA A/B weight; lora_lab loads plain LoRA adapters only "
+        "(no DoRA magnitudes, embedding LoRA, biases or modules_to_save)"
+    )
+
+
+def _targets_for_file(model: nn.Module, config: LoRAConfig, layer_names: list[str]) -> list[str] | str:
+    """target_modules as written to the file: short names when they select exactly these layers.
+
+    "all-linear" is resolved (as PEFT does) because its meaning depends on the model; a regex is
+    kept as it is; a list becomes sorted unique last name parts (e.g. ["q_proj", "v_proj"]) unless
+    those would also catch other modules, in which case the full names are written.
+    """
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() != "all-linear":
+        return targets
+    short = sorted({n.rsplit(".", 1)[-1] for n in layer_names})
+    lora_names = set(layer_names)
+    # module names as they were before add_lora: drop the insides of each LoRALinear
+    names = [n for n, _ in model.named_modules() if n and not any(n.startswith(p + ".") for p in lora_names)]
+    caught = {n for n in names if n in short or any(n.endswith("." + t) for t in short)}
+    return short if caught == lora_names else sorted(layer_names)
+
+
+def adapter_config_dict(
+    config: LoRAConfig, target_modules: list[str] | str, fan_in_fan_out: bool, base_model_name_or_path=None
+) -> dict:
+    """The adapter_config.json content: PEFT's keys for a plain LoRA adapter, with PEFT's defaults."""
+    return {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": config.bias,
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "init_lora_weights": config.init_lora_weights,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": config.lora_alpha,
+        "lora_bias": False,
+        "lora_dropout": config.lora_dropout,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": config.r,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": target_modules,
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": config.use_rslora,
+    }
+
+
+# Config features lora_lab cannot reproduce: loading them would give different outputs than PEFT.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "modules_to_save": (None, []),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "layers_to_transform": (None, []),
+    "layer_replication": (None, []),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "exclude_modules": (None, []),
+}
+
+
+def config_from_dict(config: dict, where: str = "adapter_config.json") -> LoRAConfig:
+    """A LoRAConfig from the content of an adapter_config.json; ValueError for what lora_lab can't load."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{where} has peft_type={config.get('peft_type')!r}; lora_lab loads LoRA adapters (peft_type 'LORA')"
+        )
+    for key, allowed in _UNSUPPORTED.items():
+        if key in config and config[key] not in allowed:
+            raise ValueError(
+                f"{where} sets {key}={config[key]!r}, which lora_lab does not support; load this adapter with "
+                "PEFT instead"
+            )
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise ValueError(
+                f"{where} has no {key!r}; an adapter config needs r, lora_alpha and target_modules"
+            )
+    init = config.get("init_lora_weights", True)
+    try:
+        return LoRAConfig(
+            r=config["r"],
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=config.get("lora_dropout", 0.0),
+            target_modules=config["target_modules"],
+            use_rslora=config.get("use_rslora", False),
+            init_lora_weights=init if init in (True, False, "gaussian") else True,  # A/B come from the file
+            bias=config.get("bias", "none"),
+        )
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where} is not a valid LoRA config: {err}") from None
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{PEFT key: tensor} for every LoRA layer: the tensors an adapter file holds (contiguous, on CPU)."""
+    tensors = {}
+    for name, layer in lora_layers(model):
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    return tensors
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: LoRAConfig | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write the model's LoRA weights and config to `path/` in PEFT's format; returns the folder.
+
+    config defaults to the one add_lora stored (`model.lora_config`). base_model_name_or_path
+    defaults to `model.name_or_path` as PEFT does (None if the model has none).
+    """
+    config = config if config is not None else getattr(model, "lora_config", None)
+    if not isinstance(config, LoRAConfig):
+        raise ValueError("no LoRAConfig given and the model has none (add_lora stores it); pass config=...")
+    config.validate()
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("this model has no LoRA layers to save; add_lora or load_adapter first")
+    merged = [n for n, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(
+            f"LoRA layer {merged[0]} is merged into its base weight; unmerge_adapters(model) before saving "
+            "(the saved A and B would otherwise be applied twice when loaded)"
+        )
+    wrong = [
+        (n, layer.r, layer.lora_alpha)
+        for n, layer in layers
+        if (layer.r, layer.lora_alpha) != (config.r, config.lora_alpha)
+    ]
+    if wrong:
+        n, r, alpha = wrong[0]
+        raise ValueError(
+            f"layer {n} has r={r}, lora_alpha={alpha} but the config says r={config.r}, "
+            f"lora_alpha={config.lora_alpha}; pass the config the model was built with"
+        )
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; an adapter is saved as a folder")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    names = [n for n, _ in layers]
+    content = adapter_config_dict(
+        config,
+        _targets_for_file(model, config, names),
+        fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
+        base_model_name_or_path=str(base_model_name_or_path) if base_model_name_or_path is not None else None,
+    )
+    tensors = adapter_state_dict(model)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(content, indent=2, sort_keys=True)  # byte for byte how PEFT writes it
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return folder
+
+
+# ---------------------------------------------------------------------------- reading and loading
+
+
+def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, {PEFT key: tensor}) of an adapter folder, checked but not applied to any model.
+
+    Prefers adapter_model.safetensors; falls back to adapter_model.bin only with allow_pickle=True.
+    Raises FileNotFoundError for missing files and ValueError for truncated or corrupted ones.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{config_file} is missing; an adapter folder needs {CONFIG_NAME} next to its weights"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{config_file} is not valid JSON ({err}); the file is truncated or corrupted, save it again"
+        ) from None
+    config_from_dict(config, where=str(config_file))  # fail early on a config lora_lab cannot use
+
+    weights_file, pickle_file = folder / WEIGHTS_NAME, folder / PICKLE_WEIGHTS_NAME
+    if weights_file.is_file():
+        try:
+            tensors = load_file(weights_file)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"{weights_file} could not be read ({err}); the file is truncated or corrupted, save it again"
+            ) from None
+    elif pickle_file.is_file():
+        if not allow_pickle:
+            raise ValueError(
+                f"{folder} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which can run arbitrary code when "
+                "loaded. If you trust it, pass allow_pickle=True (it is then read with torch.load(weights_only=True)), "
+                "or convert it to safetensors."
+            )
+        try:
+            tensors = torch.load(pickle_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for bad pickles
+            raise ValueError(
+                f"{pickle_file} could not be read safely ({err}); it is corrupted or not plain tensors"
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise ValueError(f"{pickle_file} does not hold a dict of tensors")
+    else:
+        raise FileNotFoundError(
+            f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter weights are missing"
+        )
+    for key in tensors:
+        split_peft_key(key)
+    return config, tensors
+
+
+def _plan(
+    model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], where: str
+) -> dict[str, dict]:
+    """Check every tensor against the model; return {layer name: {"lora_A": t, "lora_B": t}}."""
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, part = split_peft_key(key)
+        by_layer.setdefault(name, {})[part] = tensor
+    injected = dict(lora_layers(model))
+    if injected:
+        targets = list(injected)
+    else:
+        try:
+            targets = resolve_target_modules(model, config.target_modules)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"the adapter in {where} does not fit this model: {err}") from None
+    missing = [n for n in targets if set(by_layer.get(n, {})) != {"lora_A", "lora_B"}]
+    extra = [n for n in by_layer if n not in targets]
+    if extra:
+        raise ValueError(
+            f"the adapter in {where} has weights for {extra[0]!r}, which is not a LoRA target in this model "
+            f"({len(extra)} such layer(s)); is it an adapter for another base model?"
+        )
+    if missing:
+        raise ValueError(
+            f"the adapter in {where} lacks lora_A/lora_B weights for {missing[0]!r} ({len(missing)} layer(s) "
+            "missing); the file is incomplete or was saved for other target_modules"
+        )
+    for name in targets:
+        if name in injected:  # already has LoRA: the file must fit the existing A and B
+            layer = injected[name]
+            if layer.r != config.r:
+                raise ValueError(
+                    f"the adapter in {where} has r={config.r} but this model's LoRA layer {name} has r={layer.r}; "
+                    "remove_lora(model) first to load an adapter of another rank"
+                )
+            in_f, out_f = layer.in_features, layer.out_features
+            expected = {
+                "lora_A": tuple(layer.lora_A.weight.shape),
+                "lora_B": tuple(layer.lora_B.weight.shape),
+            }
+        else:
+            in_f, out_f = base_in_out_features(model.get_submodule(name))
+            expected = {"lora_A": (config.r, in_f), "lora_B": (out_f, config.r)}
+        for part, shape in expected.items():
+            got = tuple(by_layer[name][part].shape)
+            if got != shape:
+                raise ValueError(
+                    f"the adapter in {where} does not fit this model: {name}.{part} has shape {list(got)} in the "
+                    f"file but this model needs {list(shape)} (in={in_f}, out={out_f}, r={shape[0] if part == 'lora_A' else shape[1]}). "
+                    "The adapter was trained for another base model."
+                )
+            if not by_layer[name][part].dtype.is_floating_point:
+                raise ValueError(
+                    f"{name}.{part} in {where} is {by_layer[name][part].dtype}, not a float tensor"
+                )
+    return by_layer
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, allow_pickle: bool = False, is_trainable: bool = False
+) -> nn.Module:
+    """Load a PEFT-format adapter into `model` (in place) and return it.
+
+    A model without LoRA gets LoRA layers per the adapter's config first; a model that already has
+    LoRA layers (same layers, same shapes) gets its A and B overwritten. As with PEFT's
+    `from_pretrained`, the loaded adapter is frozen unless is_trainable=True.
+    Every check runs before the model is touched: on any error the model is unchanged.
+    """
+    where = str(path)
+    config_dict, tensors = read_adapter(path, allow_pickle=allow_pickle)
+    config = config_from_dict(config_dict, where=where)
+    if has_lora(model):
+        merged = [n for n, layer in lora_layers(model) if layer.merged]
+        if merged:
+            raise ValueError(
+                f"LoRA layer {merged[0]} is merged; unmerge_adapters(model) before loading new weights"
+            )
+    plan = _plan(model, config, tensors, where)
+
+    if not has_lora(model):
+        add_lora(model, config)
+    else:
+        model.lora_config = config
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            layer.lora_A.weight.copy_(plan[name]["lora_A"])
+            layer.lora_B.weight.copy_(plan[name]["lora_B"])
+            layer.lora_alpha, layer.use_rslora = config.lora_alpha, config.use_rslora
+            layer.scaling = lora_scaling(layer.r, config.lora_alpha, config.use_rslora)
+    for param_name, param in model.named_parameters():
+        param.requires_grad = is_trainable and "lora_" in param_name
+    return model

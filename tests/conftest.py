@@ -1,0 +1,201 @@
+"""Shared fixtures: tiny random-init Llama, OPT and GPT-2 models built from small configs.
+
+Each fixture builds a fresh model (tests change models in place) with a fixed seed, in fp32
+and eval mode, so two calls give identical weights. Other helpers may ADD fixtures at the end
+of this file; please do not change the existing ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_lab.paths import TINY_BASE_DIR
+
+# The linear layers each family has, for target_modules in tests.
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # transformers Conv1D: weight stored [in, out]
+}
+VOCAB = 128
+
+
+def build_tiny(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random-init causal LM of the given family ("llama", "opt", "gpt2", or "tiny-base")."""
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        model = LlamaForCausalLM(config)
+    elif kind == "opt":
+        config = OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        )
+        model = OPTForCausalLM(config)
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        model = GPT2LMHeadModel(config)
+    elif kind == "tiny-base":
+        if not (TINY_BASE_DIR / "config.json").is_file():
+            pytest.skip(f"the bundled model is not built yet ({TINY_BASE_DIR}/config.json is missing)")
+        model = AutoModelForCausalLM.from_pretrained(TINY_BASE_DIR, dtype=torch.float32)
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}")
+    model.config._attn_implementation = "eager"
+    return model.float().eval()
+
+
+def tiny_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8, seed: int = 1) -> torch.Tensor:
+    """Random token ids [batch, seq] that fit the model's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, min(model.config.vocab_size, VOCAB), (batch, seq), generator=g)
+
+
+@pytest.fixture
+def make_tiny():
+    """Factory fixture: `make_tiny("llama")` returns a fresh tiny model (same weights every call)."""
+    return build_tiny
+
+
+@pytest.fixture(params=["llama", "opt", "gpt2"])
+def tiny_kind(request) -> str:
+    """Parametrizes a test over the three tiny model families."""
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny("llama")
+
+
+@pytest.fixture
+def tiny_opt():
+    return build_tiny("opt")
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return build_tiny("gpt2")
+
+
+# ---------------------------------------------------------------------------- PEFT twins
+
+
+def to_peft_config(config, **overrides):
+    """The PEFT LoraConfig equal to a lora_lab LoRAConfig (task_type CAUSAL_LM)."""
+    from peft import LoraConfig
+
+    kwargs = dict(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        use_rslora=config.use_rslora,
+        init_lora_weights=config.init_lora_weights,
+        bias=config.bias,
+        task_type="CAUSAL_LM",
+    )
+    return LoraConfig(**(kwargs | overrides))
+
+
+def copy_lora_into_peft(ours: torch.nn.Module, peft_model: torch.nn.Module) -> int:
+    """Copy every lora_A / lora_B weight of a lora_lab model into the same layer of a PEFT model.
+
+    Returns the number of tensors copied (and asserts both sides have the same LoRA layers).
+    """
+    theirs = {
+        k.removeprefix("base_model.model.").replace(".default.", "."): p
+        for k, p in peft_model.named_parameters()
+        if "lora_" in k
+    }
+    mine = {k: p for k, p in ours.named_parameters() if "lora_" in k}
+    assert set(mine) == set(theirs), sorted(set(mine) ^ set(theirs))[:5]
+    with torch.no_grad():
+        for k, p in mine.items():
+            theirs[k].copy_(p)
+    return len(mine)
+
+
+# ---------------------------------------------------------------------------- PEFT-format adapter files
+# (added for the registry / serving tests)
+
+
+def save_peft_adapter(path, kind="llama", r=4, lora_alpha=8, target_modules=None, seed=0, **overrides):
+    """Write a PEFT-format adapter folder for `build_tiny(kind)` with random, non-zero A and B.
+
+    `init_lora_weights=False` keeps nn.Linear's random init for both A and B, so the adapter changes
+    the model's output; `seed` makes each adapter different and reproducible. Returns `path`.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model = build_tiny(kind)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules or TARGETS[kind],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    get_peft_model(model, config).save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------- a saved tiny model folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init tiny Llama with a small BPE tokenizer and the book's chat template, saved as a folder.
+
+    Lets the command line and the sweep be tested end to end (config -> training -> PEFT adapter) in
+    seconds, with no bundled model needed. Added by the issue-5 helper (tests/test_cli.py, test_widgets.py).
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lora_lab.data import CHAT_TEMPLATE, load_task
+
+    texts = [m["content"] for ex in load_task("sql", "train")[:300] for m in ex["messages"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
