@@ -260,6 +260,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     bitsandbytes stores 4-bit weights as `Params4bit` packing two values per byte, so their
     `numel()` is half the real count: PEFT multiplies by 2 * element_size, and so do we.
     Shared (tied) parameters count once, as `named_parameters()` yields them once.
+    lora_lab's own `NF4Linear` keeps its packed weight as a buffer, not a parameter; it counts as
+    the in_features * out_features weights it stands for (frozen), so a QLoRA model built with
+    lora_lab reports the same totals as one built with bitsandbytes and PEFT.
     """
     trainable = total = 0
     for _, param in model.named_parameters():
@@ -269,6 +272,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += n
         if param.requires_grad:
             trainable += n
+    for module in model.modules():
+        if module.__class__.__name__ == "NF4Linear":
+            total += module.in_features * module.out_features
     return trainable, total
 
 

@@ -239,3 +239,13 @@ def test_bundled_model_forward_counts_and_merge_equal_peft(capsys):
         assert (ours(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-6
     sd_ours, sd_theirs = merge_and_unload(ours).state_dict(), theirs.merge_and_unload().state_dict()
     assert all(torch.equal(sd_ours[k], sd_theirs[k]) for k in sd_ours)
+
+
+def test_count_parameters_counts_lora_lab_nf4_weights_as_the_weights_they_stand_for():
+    from lora_lab import nf4
+
+    model = nf4.quantize_model(torch.nn.Sequential(torch.nn.Linear(128, 64)))
+    assert count_parameters(model) == (0, 128 * 64 + 64)  # packed weight (as 8,192 weights) + bias
+    add_lora(model, LoRAConfig(r=4, lora_alpha=4, target_modules=["0"]))
+    mark_only_lora_as_trainable(model)
+    assert count_parameters(model) == (4 * 128 + 64 * 4, 128 * 64 + 64 + 4 * 128 + 64 * 4)
