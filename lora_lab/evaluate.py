@@ -1,0 +1,222 @@
+"""Evaluation: perplexity, knowledge-probe accuracy and task accuracy, each a plain float.
+
+- `perplexity`: exp of the mean next-token loss over documents (a corpus split or a list of texts).
+- `probe_accuracy`: share of cloze probes ("Mira Vell lives in" -> "Ostrin") whose greedy
+  continuation starts with the answer; the book's measure of forgetting.
+- `task_accuracy`: greedy, batched generation (left padding, progress bar) on a task split, scored by
+  the task's scorer: `score_sql` (execution accuracy in sqlite3), `score_support` (the answer states
+  the right fact), `score_shift` (exact translation).
+
+Left out: sampling-based metrics, BLEU/ROUGE, LLM judges. The tasks are built so that a simple,
+exact scorer is the right one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+from collections import Counter
+
+import torch
+
+from lora_lab import data
+
+__all__ = [
+    "perplexity",
+    "probe_accuracy",
+    "task_accuracy",
+    "generate_answers",
+    "score_sql",
+    "score_support",
+    "score_shift",
+    "score_answer",
+    "MAX_NEW_TOKENS",
+]
+
+# Enough new tokens for the longest reference answer of each task (plus the end token).
+MAX_NEW_TOKENS = {"support": 48, "sql": 64, "shift": 24}
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts_or_split="validation", *, seq_len: int = 128, batch_size: int = 16,
+               limit: int | None = None) -> float:  # fmt: skip
+    """Perplexity of `model` on a corpus split name or a list of strings (each ends with the eos token)."""
+    texts = data.load_corpus(texts_or_split) if isinstance(texts_or_split, str) else list(texts_or_split)
+    if limit is not None:
+        texts = texts[:limit]
+    if not texts:
+        raise ValueError("no texts to score: pass a non-empty list or a corpus split name")
+    from lora_lab.train import collate, encode_example
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(texts), batch_size):
+        batch = collate([encode_example(tokenizer, t, seq_len) for t in texts[i : i + batch_size]], pad)
+        batch = {k: v.to(_device(model)) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].float()  # [batch, seq-1, vocab]
+        labels = batch["labels"][:, 1:]  # [batch, seq-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += float(loss)
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list, *, batch_size: int = 32, max_new_tokens: int = 48,
+                     progress: bool = True, desc: str = "generate") -> list[str]:  # fmt: skip
+    """Greedy completions for `prompts` (strings, or lists of chat messages rendered with the template).
+
+    Batched with left padding; generation stops at the eos token. Returns the decoded new text only.
+    """
+    texts = [
+        p
+        if isinstance(p, str)
+        else tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, leave=False)
+    try:
+        for i in starts:
+            enc = tokenizer(
+                texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            enc = {k: enc[k].to(_device(model)) for k in ("input_ids", "attention_mask")}
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )  # [batch, prompt + new]
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return out
+
+
+def probe_accuracy(model, tokenizer, probes: list[dict] | None = None, *, batch_size: int = 64,
+                   max_new_tokens: int = 6, progress: bool = False) -> float:  # fmt: skip
+    """Share of probes whose greedy continuation starts with the answer (default: the test probes)."""
+    probes = data.load_probes("test") if probes is None else probes
+    if not probes:
+        raise ValueError("no probes to score")
+    outs = generate_answers(
+        model, tokenizer, [p["prompt"] for p in probes], batch_size=batch_size,
+        max_new_tokens=max_new_tokens, progress=progress, desc="probes",
+    )  # fmt: skip
+    return sum(o.startswith(p["answer"]) for o, p in zip(outs, probes)) / len(probes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scorers
+# ---------------------------------------------------------------------------------------------------
+_ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)
+
+
+def _normalize_rows(rows: list) -> list[tuple]:
+    return [tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows]
+
+
+def score_sql(pred_sql: str, ref_sql: str, db: sqlite3.Connection | None = None) -> bool:
+    """Execution accuracy: True if `pred_sql` returns the same rows as `ref_sql` on the shop database.
+
+    Rows are compared as multisets (order ignored) unless the reference has ORDER BY. SQL that fails
+    to run, or more than one statement, scores False; it never raises. `db` defaults to a fresh
+    read-only in-memory database built from data/shop.sql.
+    """
+    db = db if db is not None else _shop_db()
+    try:
+        ref = _normalize_rows(db.execute(ref_sql).fetchall())
+    except sqlite3.Error as e:
+        raise ValueError(f"the reference query does not run: {e}: {ref_sql!r}") from None
+    if not isinstance(pred_sql, str) or not pred_sql.strip():
+        return False
+    counter = [0]
+
+    def _guard() -> int:  # abort runaway queries (e.g. a huge cross join) after ~10M VM steps
+        counter[0] += 1
+        return 1 if counter[0] > 10_000 else 0
+
+    db.set_progress_handler(_guard, 1000)
+    try:
+        got = _normalize_rows(db.execute(pred_sql.strip()).fetchall())
+    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError):
+        return False
+    finally:
+        db.set_progress_handler(None, 1000)
+    if _ORDER_BY.search(ref_sql):
+        return got == ref
+    return Counter(got) == Counter(ref)
+
+
+_DB: sqlite3.Connection | None = None
+
+
+def _shop_db() -> sqlite3.Connection:
+    global _DB
+    if _DB is None:
+        _DB = data.shop_database()
+    return _DB
+
+
+def score_support(answer: str, example: dict) -> bool:
+    """True if the answer states every key fact of the example (e.g. "$34", "30 days")."""
+    return all(k in answer for k in example["keys"])
+
+
+def score_shift(answer: str, example: dict) -> bool:
+    """True if the translation matches exactly (whitespace-normalized)."""
+    return " ".join(answer.split()) == example["answer"]
+
+
+def score_answer(task: str, answer: str, example: dict, db: sqlite3.Connection | None = None) -> bool:
+    """Score one generated answer for `task`."""
+    if task == "sql":
+        return score_sql(answer, example["sql"], db)
+    if task == "support":
+        return score_support(answer, example)
+    if task == "shift":
+        return score_shift(answer, example)
+    raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(data.TASKS)}")
+
+
+def task_accuracy(model, tokenizer, task: str, split: str = "test", limit: int | None = None, *,
+                  batch_size: int = 32, max_new_tokens: int | None = None, progress: bool = True,
+                  return_answers: bool = False):  # fmt: skip
+    """Accuracy (a float in [0, 1]) of greedy answers on `task`'s `split`, scored by its scorer.
+
+    With `return_answers=True` returns `(accuracy, answers)` so a notebook can show examples.
+    """
+    examples = data.load_task(task, split)
+    if limit is not None:
+        examples = examples[:limit]
+    answers = generate_answers(
+        model, tokenizer, [ex["messages"][:-1] for ex in examples], batch_size=batch_size,
+        max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[task], progress=progress, desc=f"{task}/{split}",
+    )  # fmt: skip
+    db = _shop_db() if task == "sql" else None
+    acc = sum(score_answer(task, a, ex, db) for a, ex in zip(answers, examples)) / len(examples)
+    return (acc, answers) if return_answers else acc

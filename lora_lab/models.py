@@ -1,0 +1,129 @@
+"""Loading the base model: the bundled tiny Llama by default, any Hub id or local path on request.
+
+`load_base()` returns `(model, tokenizer)` through the real transformers loading code
+(`AutoModelForCausalLM.from_pretrained`, `AutoTokenizer.from_pretrained`), so what the book does to the
+tiny model it can do, unchanged, to a real checkpoint: set `LORA_LAB_BASE_MODEL` (or pass `name`) to a
+Hub id such as `HuggingFaceTB/SmolLM2-135M-Instruct` on a machine with network, e.g. in Colab.
+
+Without network, a Hub id that is not already in the local Hugging Face cache fails at once with an
+error that says how to use the bundled default, instead of waiting on connection time-outs.
+
+Left out: `trust_remote_code` (never set: only architectures transformers ships are loaded) and
+quantized loading (see `lora_lab.nf4` and chapter 06).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from lora_lab.paths import TINY_BASE_DIR
+
+__all__ = ["load_base", "resolve_base_name", "count_parameters", "TINY_BASE_DIR", "BASE_MODEL_ENV"]
+
+BASE_MODEL_ENV = "LORA_LAB_BASE_MODEL"
+
+
+def resolve_base_name(name: str | os.PathLike | None = None) -> str:
+    """The model to load: `name` if given, else `$LORA_LAB_BASE_MODEL`, else the bundled tiny base."""
+    if name is None:
+        name = os.environ.get(BASE_MODEL_ENV) or str(TINY_BASE_DIR)
+    return str(name)
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """True if a TCP connection to the Hub endpoint opens within `timeout` seconds."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """True if the Hub cache already holds a config.json for `repo_id` (so loading needs no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id that is not a valid repo id, or an old huggingface_hub
+        return False
+    return isinstance(found, str)
+
+
+def _offline_error(name: str, why: str) -> OSError:
+    return OSError(
+        f"cannot load {name!r}: {why}. It is not a local folder and not in the Hugging Face cache. "
+        f"Use the bundled tiny model instead: call load_base() with no argument and unset "
+        f"${BASE_MODEL_ENV} (the default is {TINY_BASE_DIR}), or pass a local folder that holds "
+        "config.json, model.safetensors and the tokenizer files."
+    )
+
+
+def load_base(
+    name: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+):
+    """Load a causal language model and its tokenizer; returns `(model, tokenizer)` in eval mode.
+
+    name: a local folder or a Hub id; default `$LORA_LAB_BASE_MODEL`, else the bundled `tiny-base`.
+    dtype: default fp32 for the tiny model and on CPU, else `lora_lab.runtime.compute_dtype()`.
+    device: default `lora_lab.runtime.device()`.
+
+    The tokenizer pads on the left (what batched generation needs) and always has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_lab.runtime import compute_dtype
+    from lora_lab.runtime import device as pick_device
+
+    name = resolve_base_name(name)
+    dev = pick_device(str(device)) if device is not None else pick_device()
+    path = Path(name).expanduser()
+    local = path.is_dir()
+    if not local:
+        if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+            raise FileNotFoundError(
+                f"{name!r} looks like a local path but no such folder exists; pass a folder that holds "
+                "config.json and model.safetensors, or a Hub id like 'HuggingFaceTB/SmolLM2-135M'"
+            )
+        if not _in_hub_cache(name):
+            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+                raise _offline_error(name, "HF_HUB_OFFLINE is set")
+            if not _hub_reachable():
+                raise _offline_error(name, "the Hugging Face Hub cannot be reached (no network)")
+    if dtype is None:
+        bundled = local and path.resolve() == TINY_BASE_DIR.resolve()
+        dtype = torch.float32 if bundled else compute_dtype(dev)
+    kwargs = {"local_files_only": True} if local else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(path) if local else name, **kwargs)
+    # transformers draws a "Loading weights" progress bar; for a model this small it is only noise
+    # (and it would make notebook outputs differ between runs), so it is switched off while loading.
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path) if local else name, dtype=dtype, **kwargs)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.to(dev)
+    model.eval()
+    return model, tokenizer
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with `requires_grad`)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

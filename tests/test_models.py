@@ -1,0 +1,55 @@
+"""Tests for lora_lab.models.load_base: bundled default, local path, env var, offline Hub id."""
+
+import time
+
+import pytest
+import torch
+
+from lora_lab import models
+from lora_lab.paths import TINY_BASE_DIR
+
+
+def test_default_is_the_bundled_tiny_llama(monkeypatch):
+    monkeypatch.delenv(models.BASE_MODEL_ENV, raising=False)
+    model, tok = models.load_base(device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert 2_000_000 <= models.count_parameters(model) <= 10_000_000
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert text == "<|user|>\nHi\n<|assistant|>\n"
+
+
+def test_local_path_and_env_var(monkeypatch):
+    model, _ = models.load_base(str(TINY_BASE_DIR), device="cpu", dtype=torch.float32)
+    monkeypatch.setenv(models.BASE_MODEL_ENV, str(TINY_BASE_DIR))
+    model2, _ = models.load_base(device="cpu")
+    assert torch.equal(model.lm_head.weight, model2.lm_head.weight)
+
+
+def test_missing_local_path_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        models.load_base(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("offline_env", ["1", None])
+def test_offline_hub_id_fails_fast_and_names_the_default(monkeypatch, offline_env):
+    if offline_env is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(models, "_hub_reachable", lambda timeout=2.0: False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
+    t = time.perf_counter()
+    with pytest.raises(OSError, match="bundled tiny model") as e:
+        models.load_base("some-org/some-model-that-is-not-cached")
+    assert time.perf_counter() - t < 5
+    assert models.BASE_MODEL_ENV in str(e.value)
+
+
+def test_hub_reachability_check_is_bounded():
+    t = time.perf_counter()
+    models._hub_reachable(timeout=1.0)
+    assert time.perf_counter() - t < 15

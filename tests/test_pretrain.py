@@ -1,0 +1,63 @@
+"""Tests for lora_lab.pretrain and the shipped tiny base: config, tokenizer, chat template, model card."""
+
+import json
+
+from lora_lab import data, pretrain
+from lora_lab.paths import TINY_BASE_DIR
+
+
+def test_shipped_config_is_a_small_untied_llama():
+    cfg = json.loads((TINY_BASE_DIR / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["tie_word_embeddings"] is False
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert head_dim in (64, 128)
+    for k, v in pretrain.MODEL_CONFIG.items():
+        assert cfg[k] == v, k
+    assert (TINY_BASE_DIR / "model.safetensors").stat().st_size <= 25 * 1024 * 1024
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md",
+                 "loss_curve.json", "loss_curve.png", "metrics.json"):  # fmt: skip
+        assert (TINY_BASE_DIR / name).exists(), name
+
+
+def test_tokenizer_special_tokens_and_chat_template():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_BASE_DIR)
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    assert len(tok) == pretrain.VOCAB_SIZE
+    msgs = [
+        {"role": "user", "content": "Where does Mira Vell live?"},
+        {"role": "assistant", "content": "In Ostrin."},
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == data.render_chat(msgs)
+    ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+    assert ids[-1] == tok.eos_token_id
+    for special in ("<|user|>", "<|assistant|>"):
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
+    mask = tok.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)[
+        "assistant_masks"
+    ]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "In Ostrin.<|endoftext|>"
+
+
+def test_build_tokenizer_on_a_small_text_is_deterministic():
+    texts = data.load_corpus("validation")[:200]
+    a, b = pretrain.build_tokenizer(texts), pretrain.build_tokenizer(texts)
+    assert a.get_vocab() == b.get_vocab()
+    assert a.chat_template == data.CHAT_TEMPLATE
+
+
+def test_model_card_reports_the_floors():
+    m = json.loads((TINY_BASE_DIR / "metrics.json").read_text())
+    card = (TINY_BASE_DIR / "README.md").read_text()
+    assert f"{m['parameters']:,}" in card
+    assert m["probe_accuracy"] >= 0.8
+    assert m["zero_shot"]["sql"] <= 0.2 and m["zero_shot"]["support"] <= 0.2
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [pretrain._lr_at(s, 1000, 1.0, 100) for s in range(1000)]
+    assert lrs[0] < lrs[50] < lrs[99] == 1.0
+    assert lrs[-1] < 0.11 and min(lrs[100:]) >= 0.1 - 1e-9
