@@ -1,0 +1,237 @@
+"""AdapterRegistry: loading PEFT adapters by name, switching, LRU device cache, merging, bad input.
+
+Every output is cross-checked against PEFT running the same adapter files.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TARGETS, build_tiny, save_peft_adapter, tiny_inputs
+from peft import PeftModel
+
+from lora_lab.registry import AdapterRegistry
+from lora_lab.serving import MultiLoRALinear
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    """Four PEFT adapters for the tiny Llama: different seeds, ranks, alphas, targets, one rsLoRA."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": save_peft_adapter(root / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=1),
+        "b": save_peft_adapter(root / "b", r=8, lora_alpha=16, target_modules=TARGETS["llama"], seed=2),
+        "c": save_peft_adapter(root / "c", r=2, lora_alpha=4, target_modules=["k_proj", "down_proj"], seed=3),
+        "rs": save_peft_adapter(
+            root / "rs", r=8, lora_alpha=8, target_modules=["o_proj", "up_proj"], seed=4, use_rslora=True
+        ),
+    }
+
+
+def _peft(adapter_dirs, names):
+    """A PeftModel on a fresh tiny Llama with the named adapters loaded (eval mode)."""
+    first, *rest = names
+    model = PeftModel.from_pretrained(build_tiny("llama"), adapter_dirs[first], adapter_name=first)
+    for name in rest:
+        model.load_adapter(adapter_dirs[name], adapter_name=name)
+    return model.eval()
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, snapshot):
+    now = model.state_dict()
+    return set(now) == set(snapshot) and all(torch.equal(now[k], v) for k, v in snapshot.items())
+
+
+def test_set_adapter_matches_peft_for_every_adapter(adapter_dirs):
+    registry = AdapterRegistry(build_tiny("llama"))
+    for name, path in adapter_dirs.items():
+        registry.load(name, path)
+    peft_model = _peft(adapter_dirs, list(adapter_dirs))
+    ids = tiny_inputs(registry.model, batch=3, seq=7)
+    for name in adapter_dirs:
+        registry.set_adapter(name)
+        peft_model.set_adapter(name)
+        ours, theirs = _logits(registry.model, ids), _logits(peft_model, ids)
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+        assert registry.active_adapter == name
+    # each adapter really changes the output (the comparison above is not base vs base)
+    base = _logits(build_tiny("llama"), ids)
+    assert (ours - base).abs().max() > 1e-2
+    registry.disable()
+    torch.testing.assert_close(_logits(registry.model, ids), base, atol=0, rtol=0)
+
+
+def test_names_delete_and_model_restored(adapter_dirs):
+    model = build_tiny("llama")
+    keys = set(model.state_dict())
+    registry = AdapterRegistry(model)
+    registry.load("a", adapter_dirs["a"])
+    registry.load("b", adapter_dirs["b"])
+    assert registry.names() == ["a", "b"]
+    # b patches all 7 projections of both layers
+    assert len(registry.layer_names()) == 14
+    registry.set_adapter("b")
+    registry.delete("b")
+    assert registry.names() == ["a"] and registry.active_adapter is None
+    assert len(registry.layer_names()) == 4  # a patches q_proj and v_proj only
+    registry.delete("a")
+    assert registry.names() == [] and registry.layer_names() == []
+    assert set(model.state_dict()) == keys  # the original module structure is back
+    assert not any(isinstance(m, MultiLoRALinear) for m in model.modules())
+
+
+def test_unknown_adapter_name_lists_loaded_ones(adapter_dirs):
+    registry = AdapterRegistry(build_tiny("llama"))
+    registry.load("a", adapter_dirs["a"])
+    registry.load("b", adapter_dirs["b"])
+    registry.set_adapter("a")
+    snapshot = _snapshot(registry.model)
+    for call in (registry.set_adapter, registry.delete, registry.merge):
+        with pytest.raises(ValueError, match=r"unknown adapter 'x'.*'a', 'b'"):
+            call("x")
+    assert registry.names() == ["a", "b"] and registry.active_adapter == "a"
+    assert _same_state(registry.model, snapshot)
+
+
+def test_adapter_for_another_base_names_layer_and_shapes(adapter_dirs, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # same architecture and layer names, but hidden size 48 instead of 32
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2,
+        )
+    )  # fmt: skip
+    get_peft_model(
+        other, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    ).save_pretrained(tmp_path / "other")
+    registry = AdapterRegistry(build_tiny("llama"))
+    registry.load("a", adapter_dirs["a"])
+    snapshot = _snapshot(registry.model)
+    layers_before = registry.layer_names()
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*\[4, 48\].*\[4, 32\]") as err:
+        registry.load("other", tmp_path / "other")
+    assert "another base model" in str(err.value)
+    assert registry.names() == ["a"] and registry.layer_names() == layers_before
+    assert _same_state(registry.model, snapshot)
+
+
+def test_adapter_for_layers_the_model_lacks(tmp_path):
+    save_peft_adapter(tmp_path / "opt", kind="opt", r=4, target_modules=["fc1"])
+    model = build_tiny("llama")
+    snapshot = _snapshot(model)
+    registry = AdapterRegistry(model)
+    with pytest.raises(ValueError, match=r"fc1.*does not have"):
+        registry.load("opt", tmp_path / "opt")
+    assert registry.names() == [] and _same_state(model, snapshot)
+
+
+def test_rank_above_max_rank_is_refused(adapter_dirs):
+    registry = AdapterRegistry(build_tiny("llama"), max_rank=4)
+    registry.load("a", adapter_dirs["a"])  # r=4: fine
+    with pytest.raises(ValueError, match=r"r=8, above this registry's max_rank=4"):
+        registry.load("b", adapter_dirs["b"])
+    assert registry.names() == ["a"]
+
+
+def test_bad_arguments_and_duplicates(adapter_dirs, tmp_path):
+    with pytest.raises(ValueError, match="max_device_bytes"):
+        AdapterRegistry(build_tiny("llama"), max_device_bytes=0)
+    with pytest.raises(ValueError, match="max_rank"):
+        AdapterRegistry(build_tiny("llama"), max_rank=-1)
+    registry = AdapterRegistry(build_tiny("llama"))
+    registry.load("a", adapter_dirs["a"])
+    with pytest.raises(ValueError, match="already loaded"):
+        registry.load("a", adapter_dirs["b"])
+    with pytest.raises(ValueError, match="non-empty string"):
+        registry.load("", adapter_dirs["b"])
+    with pytest.raises(ValueError, match="already belongs to an AdapterRegistry"):
+        AdapterRegistry(registry.model)
+    with pytest.raises(FileNotFoundError):
+        registry.load("missing", tmp_path / "nothing-here")
+    assert registry.names() == ["a"]
+
+
+def test_dora_adapter_is_refused(tmp_path):
+    save_peft_adapter(tmp_path / "dora", r=4, target_modules=["q_proj"], use_dora=True)
+    registry = AdapterRegistry(build_tiny("llama"))
+    with pytest.raises(ValueError, match="use_dora=True"):
+        registry.load("dora", tmp_path / "dora")
+    assert registry.names() == [] and registry.layer_names() == []
+
+
+def test_lru_device_cache_counts_and_stays_correct(adapter_dirs):
+    registry = AdapterRegistry(build_tiny("llama"))
+    for name in ("a", "b", "c"):
+        registry.load(name, adapter_dirs[name])
+    sizes = {n: registry.adapter(n).nbytes for n in registry.names()}
+    # room for b plus the larger of a and c, not for all three
+    registry.max_device_bytes = sizes["b"] + max(sizes["a"], sizes["c"])
+    peft_model = _peft(adapter_dirs, ["a", "b", "c"])
+    ids = tiny_inputs(registry.model, batch=2, seq=6)
+
+    order = ["a", "b", "c", "a", "a", "b", "c", "b"]
+    for name in order:
+        registry.set_adapter(name)
+        peft_model.set_adapter(name)
+        torch.testing.assert_close(_logits(registry.model, ids), _logits(peft_model, ids), atol=ATOL, rtol=0)
+        assert registry.device_bytes() <= registry.max_device_bytes
+        assert registry.device_names()[-1] == name  # the one just used is the most recent
+    # a miss, b miss, c miss (evicts a), a miss (evicts b), a hit, b miss (evicts c), c miss (evicts a), b hit
+    assert (registry.hits, registry.misses, registry.evictions) == (2, 6, 4)
+    assert registry.device_names() == ["c", "b"]
+    assert registry.stats()["on_device"] == 2
+
+
+def test_adapter_larger_than_device_budget(adapter_dirs):
+    registry = AdapterRegistry(build_tiny("llama"), max_device_bytes=1000)
+    with pytest.raises(ValueError, match="more than the whole device budget"):
+        registry.load("b", adapter_dirs["b"])
+    assert registry.names() == [] and registry.layer_names() == []
+
+
+def test_merge_equals_unmerged_and_unmerge_restores_base(adapter_dirs):
+    registry = AdapterRegistry(build_tiny("llama"))
+    for name in ("a", "b", "rs"):
+        registry.load(name, adapter_dirs[name])
+    ids = tiny_inputs(registry.model, batch=2, seq=8)
+    base_weights = _snapshot(registry.model)
+    base = _logits(registry.model, ids)
+    peft_model = _peft(adapter_dirs, ["b"])
+    for name in ("b", "rs"):
+        registry.set_adapter(name)
+        unmerged = _logits(registry.model, ids)
+        registry.disable()
+        registry.merge(name)
+        merged = _logits(registry.model, ids)
+        torch.testing.assert_close(merged, unmerged, atol=ATOL, rtol=0)
+        if name == "b":
+            peft_model.merge_adapter()
+            torch.testing.assert_close(merged, _logits(peft_model, ids), atol=ATOL, rtol=0)
+        with pytest.raises(ValueError, match="unmerge"):
+            registry.set_adapter("a")
+        with pytest.raises(ValueError, match="unmerge"):
+            registry.merge("a")
+        with pytest.raises(ValueError, match="unmerge"):
+            registry.delete(name)
+        registry.unmerge()
+        now = registry.model.state_dict()
+        worst = max((now[k] - v).abs().max().item() for k, v in base_weights.items())
+        assert worst < 1e-6  # W + dW - dW == W up to one float rounding
+        torch.testing.assert_close(_logits(registry.model, ids), base, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="nothing to unmerge"):
+        registry.unmerge()
