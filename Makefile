@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
+# One thread for every notebook run (build and nbval alike): floating-point results, and so the
+# printed numbers nbval compares, can depend on how many threads split a reduction.
+export OMP_NUM_THREADS := 1
 NBVAL_ARGS := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600
 
 .PHONY: install book test browser-test lab notebooks clean-nb lint clean

@@ -15,6 +15,7 @@ NAME is a chapter stem such as `00_intro` (default: every source). Execution run
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,12 @@ def source_to_notebook(src: Path) -> nbformat.NotebookNode:
 
 
 def build(name: str) -> float:
-    """Turn chapters/_src/NAME.py into chapters/NAME.ipynb, executed and cleaned; return seconds."""
+    """Turn chapters/_src/NAME.py into chapters/NAME.ipynb, executed and cleaned; return seconds.
+
+    The kernel runs with one thread (OMP_NUM_THREADS=1), as `make test` runs nbval: printed
+    floats can depend on how many threads split a reduction.
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
     src = SOURCES / f"{name}.py"
     nb = source_to_notebook(src)
     nb.metadata["kernelspec"] = KERNELSPEC
