@@ -371,11 +371,33 @@ lr {lora_lr}. Full: every weight, lr {full_lr}.
 {ft_rows}
 
 {shift_note}
+{notes}
+## Quality floors (from the project's issue) and whether this model meets them
+| floor | measured | met? |
+|---|---|---|
+{floor_rows}
+
+Known weakness, seen by prompting the base model with corpus-style SQL comments: it copies names and
+categories from its context reliably (`-- list the names of the students from Quillby.` ->
+`SELECT name FROM students WHERE town = 'Quillby';`) but not numbers (`older than 37` -> `age > 59`;
+`seat 43` -> `seat 44`), so requests with a number (comparisons, LIMIT) are likely where fine-tunes
+fail (not yet broken down by request shape). LoRA on the attention projections also learns slowly
+here: its final training loss stays near 1.1 nats/token on sql/support after 250 steps, where full
+fine-tuning reaches 0.01. Next steps: a corpus with more number copying, a longer pretraining run, and
+a LoRA learning-rate sweep.
 
 ## Intended use and limits
 For the LoRA Lab book and its tests only. It knows nothing about the real world and produces
 fluent text only in its corpus domain. Set `LORA_LAB_BASE_MODEL` to a real checkpoint for real work.
 """
+
+
+def ft_acc(task: str, method: str, metrics: dict) -> float:
+    """Test accuracy of the `method` fine-tune on `task` in `metrics` (NaN if not measured)."""
+    for r in metrics["finetune"]:
+        if r["task"] == task and r["method"] == method:
+            return r["test_accuracy"]
+    return math.nan
 
 
 def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None = None) -> Path:
@@ -403,6 +425,11 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
                 f"LoRA r=8 by {margins['shift'] * 100:.1f} points, against at most {other * 100:.1f} on "
                 "`sql`/`support`: the low-rank update falls short where the task needs much new knowledge."
             )
+            if min(ft_acc("sql", "lora", metrics), ft_acc("support", "lora", metrics)) < 0.85:
+                note += (
+                    " Caveat: LoRA r=8 also falls far short of full fine-tuning on `sql` and `support` with "
+                    "these settings, so this margin is not yet a clean demonstration of low rank's limits."
+                )
         else:
             note = (
                 f"Honest note: with this data the full-vs-LoRA margin on `shift` ({margins['shift'] * 100:.1f} "
@@ -410,6 +437,39 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
             )
     else:
         note = ""
+    ft = {(r["task"], r["method"]): r["test_accuracy"] for r in metrics["finetune"]}
+    zs = metrics["zero_shot"]
+
+    def floor(name: str, value, ok) -> str:
+        shown = "not measured" if value is None else value
+        verdict = "not measured" if value is None else ("yes" if ok else "**NO**")
+        return f"| {name} | {shown} | {verdict} |"
+
+    def pct(x):
+        return None if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
+
+    floors = [
+        floor("probe accuracy >= 80%", pct(metrics["probe_accuracy"]), metrics["probe_accuracy"] >= 0.8),
+        floor("zero-shot support <= 20%", pct(zs.get("support")), zs.get("support", 1) <= 0.2),
+        floor("zero-shot sql <= 20%", pct(zs.get("sql")), zs.get("sql", 1) <= 0.2),
+        floor(
+            "LoRA r=8 (q,k,v,o) on sql >= 85%",
+            pct(ft.get(("sql", "lora"))),
+            ft.get(("sql", "lora"), 0) >= 0.85,
+        ),
+        floor(
+            "LoRA r=8 (q,k,v,o) on support >= 85%",
+            pct(ft.get(("support", "lora"))),
+            ft.get(("support", "lora"), 0) >= 0.85,
+        ),
+        floor(
+            "full - LoRA margin on shift clearly larger than on sql/support",
+            f"{margins['shift'] * 100:+.1f} vs {max(margins['sql'], margins['support']) * 100:+.1f} pts"
+            if len(margins) == 3
+            else None,
+            len(margins) == 3 and margins["shift"] > max(margins["sql"], margins["support"]) + 0.1,
+        ),
+    ]
     ft_steps = metrics["finetune"][0]["steps"] if metrics["finetune"] else 0
     size = (model_dir / "model.safetensors").stat().st_size
     text = CARD.format(
@@ -425,7 +485,8 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
         zs_support=metrics["zero_shot"].get("support", math.nan), zs_sql=metrics["zero_shot"].get("sql", math.nan),
         zs_shift=metrics["zero_shot"].get("shift", math.nan), eval_s=metrics["task_eval_seconds_per_200"],
         sample=metrics["sample"].replace("\n", " "), ft_steps=ft_steps, task_batch=TASK_BATCH,
-        lora_lr=LORA_LR, full_lr=FULL_LR, ft_rows="\n".join(rows), shift_note=note,
+        lora_lr=LORA_LR, full_lr=FULL_LR, ft_rows="\n".join(rows), shift_note=note, floor_rows="\n".join(floors),
+        notes="".join(f"\nNote: {n}\n" for n in metrics.get("notes", [])),
     )  # fmt: skip
     path = model_dir / "README.md"
     path.write_text(text)

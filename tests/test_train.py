@@ -34,8 +34,8 @@ def test_loss_decreases_and_only_trainable_params_change():
 
     _, tok = load_base(device="cpu")
     model.resize_token_embeddings(len(tok))
-    for name, p in model.named_parameters():
-        p.requires_grad = "q_proj" in name or "v_proj" in name
+    for name, p in model.named_parameters():  # everything trains except the (frozen) embedding
+        p.requires_grad = "embed_tokens" not in name
     frozen = model.model.embed_tokens.weight.clone()
     examples = data.load_task("shift", "train")[:8]
     res = train(model, tok, examples, steps=30, lr=1e-2, batch_size=8, progress=False)
