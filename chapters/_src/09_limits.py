@@ -1,0 +1,201 @@
+# %% [markdown]
+# # 09 · Limits, and where to go next
+#
+# A patch works when the program already does almost what you want. LoRA's bet is the same:
+# the change a task needs is small and low-rank *relative to what the base model already
+# knows*. This chapter looks for the place where that bet fails.
+#
+# **Learning goals**
+# - see LoRA fall short on a task far from the pretraining domain, and by how much;
+# - see the other side of the trade: what full fine-tuning forgets there;
+# - know when to reach for more than a small patch.
+
+# %% tags=["hide-cell"]
+# Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
+# torch build); does nothing anywhere else.
+import os
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
+EXTRAS = "train,book"  # pip extras this chapter needs
+HOME = "/content/lora-lab"
+if "google.colab" in sys.modules:
+    if not os.path.isdir(HOME):
+        clone = ["git", "clone", "--depth", "1", REPO_URL, HOME]
+        subprocess.run(clone, check=True)
+        pip = [sys.executable, "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
+    os.chdir(f"{HOME}/chapters")
+    sys.path.insert(0, HOME)
+
+# %%
+# Parameters: change these to run the chapter on another model or device.
+BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / path
+SEED = 0
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+
+import lora_lab
+from lora_lab import data
+from lora_lab.paths import TINY_BASE_DIR
+
+lora_lab.seed_everything(SEED)
+print(lora_lab.runtime.describe())
+
+# %% [markdown]
+# ## A task from another world
+#
+# The `sql` and `support` tasks use words, names and formats the base model met in
+# pretraining: it has seen SQL over other schemas and polite chats about other things. The
+# `shift` task is a made-up language, *Kelvish*, with its own vocabulary and word order. The
+# base model has never seen a Kelvish word.
+
+# %%
+shift = data.load_task("shift", "train")
+for example in shift[:3]:
+    user, assistant = example["messages"]
+    print(f"{user['content']!r:45} -> {assistant['content']!r}")
+
+# %% [markdown]
+# ## The measured gap
+#
+# The model card's measurement (`python -m lora_lab.pretrain --report`, stored in
+# `data/models/tiny-base/metrics.json`) fine-tuned the bundled model on each task with the
+# same budget — 250 steps, batch 32, same data order — once with LoRA (r=8, alpha=16 on
+# q, k, v, o) and once fully, then scored 200 held-out test items and re-ran the knowledge
+# probes.
+
+# %%
+card = json.loads((TINY_BASE_DIR / "metrics.json").read_text())
+runs = {(r["task"], r["method"]): r for r in card["finetune"]}
+tasks = ("sql", "support", "shift")
+print(f"{'task':8} {'LoRA r=8':>9} {'full':>6} {'gap':>6}"
+      f" {'probes LoRA':>12} {'probes full':>12}")
+gap = {}
+for task in tasks:
+    lora, full = runs[task, "lora"], runs[task, "full"]
+    gap[task] = full["test_accuracy"] - lora["test_accuracy"]
+    print(f"{task:8} {lora['test_accuracy']:>9.3f}"
+          f" {full['test_accuracy']:>6.3f}"
+          f" {gap[task]:>6.3f} {lora['probe_accuracy_after']:>12.3f}"
+          f" {full['probe_accuracy_after']:>12.3f}")
+lora_params = runs["shift", "lora"]["trainable_params"]
+full_params = runs["shift", "full"]["trainable_params"]
+print(f"trainable: LoRA {lora_params:,}  full {full_params:,}")
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3.2))
+x = range(len(tasks))
+ax.bar([i - 0.2 for i in x], [runs[t, "lora"]["test_accuracy"] for t in tasks],
+       width=0.4, label="LoRA r=8 (q, k, v, o)")
+ax.bar([i + 0.2 for i in x], [runs[t, "full"]["test_accuracy"] for t in tasks],
+       width=0.4, label="full fine-tuning")
+ax.set_xticks(list(x), tasks)
+ax.set_ylabel("test accuracy")
+ax.set_title("same budget: 250 steps, batch 32")
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# (claim-domain-gap)=
+# The sources warn that when the task is far from the pretraining domain, LoRA "may not be
+# enough to inject all the new knowledge". On this model the gap between full fine-tuning
+# and LoRA is largest on `shift`: full fine-tuning learns the made-up language, LoRA r=8
+# learns none of it in the same budget.
+
+# %%
+assert gap["shift"] > max(gap["sql"], gap["support"]), gap
+assert runs["shift", "lora"]["test_accuracy"] < 0.05
+assert runs["shift", "full"]["test_accuracy"] > 0.9
+
+# %% [markdown]
+# **What this tiny model does not show cleanly.** LoRA r=8 also falls well short of full
+# fine-tuning on the two in-domain tasks here, which is not what real base models show:
+# there, a small adapter typically gets close to full fine-tuning on narrow in-domain
+# tasks. Our base model is small and its pretraining corpus is narrow, so its features
+# are a weaker foundation for a low-rank patch; the model card records this as a known
+# limit. So read the table as the *ordering* the sources describe — the farther the task
+# from pretraining, the larger the gap — not as the size of the gap you would see on a
+# 7B model.
+
+# %%
+assert all(gap[t] > 0 for t in tasks)
+
+# %% [markdown]
+# The forgetting columns tell the other half of the trade. On `shift`, full fine-tuning
+# rewrote so much of the model that it kept far fewer of its pretraining facts than
+# LoRA did.
+
+# %%
+probes_full = runs["shift", "full"]["probe_accuracy_after"]
+probes_lora = runs["shift", "lora"]["probe_accuracy_after"]
+print(f"probes kept after shift: full {probes_full:.2f},"
+      f" LoRA {probes_lora:.2f}")
+assert probes_full < probes_lora
+
+# %% [markdown]
+# ## When a small patch is not enough
+#
+# The sources name two limits.
+#
+# 1. **Domain gap.** A new language, a new modality, a new programming language with its own
+#    syntax: the base model lacks the features the task needs, so the change it needs is
+#    neither small nor confined to a few directions (chapter 02 measures how many
+#    directions a full fine-tune's change uses). Options, from cheapest up: raise `r` and
+#    target every linear layer (exercise 1), continue pretraining on in-domain text first
+#    (chapter 05, path 1), or fine-tune fully.
+# 2. **Global behaviour** (safety, values, tone across *every* task). These are changes the
+#    model must apply everywhere, not in one narrow skill, and the sources recommend full
+#    fine-tuning or unfreezing more parameters for them. Biderman et al. measured the same
+#    trade from the other side: LoRA "learns less and forgets less" than full fine-tuning
+#    {cite}`biderman2024lora` — the regularisation that protects old knowledge is also what
+#    limits new learning. The probe columns above show both halves on this model.
+#
+# ## Where to go next
+#
+# - Serve many adapters for real: vLLM's multi-LoRA server (chapter 07) on a GPU.
+# - Read the papers behind each chapter: {cite}`hu2021lora`, {cite}`dettmers2023qlora`,
+#   {cite}`kalajdzievski2023rslora`, {cite}`liu2024dora`, {cite}`sheng2023slora`.
+# - Re-run this book on a real model: set `LORA_LAB_BASE_MODEL` to a Hub id in Colab.
+#
+# ## Summary
+#
+# - LoRA's low-rank bet holds best when the task reuses what the base model knows; on a
+#   task from another world the measured gap to full fine-tuning is the largest.
+# - Full fine-tuning closes that gap by rewriting the model, and pays in forgotten
+#   knowledge: on `shift` it kept far fewer pretraining facts than LoRA.
+# - For domain shifts and global behaviour changes, budget for higher ranks, continued
+#   pretraining or full fine-tuning.
+#
+# ## Exercises
+#
+# 1. Fine-tune LoRA on `shift` at r=64 on every linear layer
+#    (`LoRAConfig(r=64, lora_alpha=128, target_modules="all-linear")`) with
+#    `lora_lab.train.train` for 250 steps. How much of the gap closes, and what does that
+#    cost in trainable parameters?
+# 2. Continue pretraining first: train the base model on Kelvish sentences only (no chat
+#    format, `assistant_only_loss=False`), then fit LoRA r=8. Does the gap shrink?
+#
+# ```{admonition} Solution 1
+# :class: dropdown
+# Inject with `add_lora(model, LoRAConfig(...))`, call
+# `mark_only_lora_as_trainable(model)`, train with `train.train(model, tok, examples,
+# steps=250, lr=3e-3)` and score with `evaluate.task_accuracy(model, tok, "shift")`. Print
+# `lora_lab.inject.trainable_parameters_line(model)` to see the cost: r=64 on all seven
+# projections trains a large share of a 2.6 M-parameter model, which is why higher ranks
+# move LoRA toward full fine-tuning, in both learning and forgetting.
+# ```
+#
+# ```{admonition} Solution 2
+# :class: dropdown
+# Build text examples from the assistant answers of `data.load_task("shift", "train")`,
+# call `train.train(model, tok, texts, steps=100, lr=1e-3, assistant_only_loss=False)`
+# with all parameters trainable, then inject LoRA and train on the chat examples. The new
+# vocabulary is learned by the full update; LoRA then only has to learn the mapping, which
+# is closer to what it does well.
+# ```
