@@ -1,10 +1,20 @@
 # %% [markdown]
 # # 00 · The billion-parameter binary
 #
+# A pretrained language model is the biggest binary you will ever be asked to customise:
+# billions of numbers, "compiled" by an expensive pretraining run. This chapter sizes that
+# binary, sets up the two ways of changing it — recompile (full fine-tuning) or patch
+# (LoRA) — and introduces the small model every later chapter patches for real.
+#
 # **Learning goals**
 # - run the book's notebooks three ways: read, Colab GPU, local CPU;
 # - count the parameters of a 7-billion-parameter model without downloading it;
-# - meet the tiny base model that every later chapter patches.
+# - meet the tiny base model: its size, what it knows, and what it cannot do yet.
+#
+# **How to run this book.** (1) Read it: every output on these pages came from running the
+# notebook as shown. (2) Colab: the rocket icon opens this notebook on a GPU; the first
+# (hidden) cell installs LoRA Lab and keeps Colab's torch. (3) Locally and offline:
+# `make lab` in a clone; everything runs on a laptop CPU in minutes.
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
@@ -39,11 +49,20 @@ print(lora_lab.runtime.describe())
 # %% [markdown]
 # ## A 7B model is a config file first
 #
-# Before any weights exist, a model is a shape. `transformers` can build the whole module tree
-# on PyTorch's `meta` device, where tensors have shapes but no storage, so we can count every
-# parameter of Llama-2-7B on a laptop in a second.
+# Before any weights exist, a model is a shape. PyTorch's `meta` device holds tensors with
+# shapes but no storage, so we can build the whole Llama-2-7B module tree and count every
+# parameter in a second, with nothing downloaded. `lora_lab.sizing` does this for the shapes
+# shipped in `data/model_shapes/`.
 
 # %%
+from lora_lab import sizing
+
+for name in ("llama-2-7b", "llama-2-13b", "llama-2-70b", "gpt3-175b"):
+    n = sizing.count_params(name)
+    print(f"{name:12} {n:>16,} parameters  {n * 2 / 1e9:6.1f} GB in fp16")
+
+# %%
+# The same count, inline, with transformers alone:
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,5 +78,144 @@ with torch.device("meta"):
     model_7b = LlamaForCausalLM(llama2_7b)
 n_params = sum(p.numel() for p in model_7b.parameters())
 print(f"Llama-2-7B parameters: {n_params:,}")
-print(f"fp16 weights alone:    {n_params * 2 / 1e9:.1f} GB")
-assert n_params == 6_738_415_616
+assert n_params == sizing.count_params("llama-2-7b") == 6_738_415_616
+
+# %% [markdown]
+# ## Recompile or patch: the bill at 7B scale
+#
+# Full fine-tuning keeps, for every parameter, the weight, its gradient and Adam's two
+# moments (plus an fp32 master copy when training in bf16): 16 bytes per parameter. LoRA
+# freezes the base and pays that price only for the adapter. The table below is computed
+# from the shapes (weights, gradients and optimizer state; activations excluded since
+# they depend on batch and sequence length): it is the seed documents' comparison table
+# with numbers instead of adjectives. Chapter 01 measures the same columns on the tiny model.
+
+# %%
+GiB = 2**30
+rows = {
+    m: sizing.memory_estimate("llama-2-7b", m, r=16)
+    for m in ("full", "lora", "qlora")
+}
+adapter_mb = sizing.adapter_file_bytes("llama-2-7b", r=16) / 1e6
+print(f"{'Llama-2-7B, r=16, all linear':29}"
+      f" {'full':>13} {'LoRA':>13} {'QLoRA':>13}")
+print(f"{'trainable parameters':29} "
+      + " ".join(f"{rows[m]['trainable']:>13,}" for m in rows))
+print(f"{'optimizer state (GiB)':29} "
+      + " ".join(f"{rows[m]['optimizer'] / GiB:>13.2f}" for m in rows))
+print(f"{'training memory (GiB)':29} "
+      + " ".join(f"{rows[m]['total'] / GiB:>13.1f}" for m in rows))
+print(f"{'file per task (GB)':29} {n_params * 2 / 1e9:>13.1f}"
+      f" {adapter_mb / 1e3:>13.2f} {adapter_mb / 1e3:>13.2f}")
+full, lora = rows["full"], rows["lora"]
+assert full["optimizer"] / lora["optimizer"] > 100
+assert full["total"] / lora["total"] > 7
+
+# %% [markdown]
+# ## The bundled tiny base model
+#
+# A 13 GB download is the wrong first step for learning. LoRA Lab ships its own base model:
+# a Llama-architecture `LlamaForCausalLM` pretrained by the project's own script on a
+# generated corpus about a small fictional world (towns, people, trades), plus chats and
+# SQL over *other* schemas. It loads through the ordinary `from_pretrained` code path, so
+# PEFT, TRL, bitsandbytes and vLLM treat it like any Hub model.
+
+# %%
+model, tok = lora_lab.load_base(BASE_MODEL)
+n_tiny = sum(p.numel() for p in model.parameters())
+cfg = model.config
+print(type(model).__name__, f"{n_tiny:,} parameters")
+print(f"layers={cfg.num_hidden_layers} hidden={cfg.hidden_size}"
+      f" heads={cfg.num_attention_heads} vocab={cfg.vocab_size}")
+linear_names = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear)})
+print("linear layers:", linear_names)
+assert 2_000_000 <= n_tiny <= 10_000_000
+
+# %% [markdown]
+# It writes fluent text about its world, and it has seen SQL over *other* schemas
+# (greedy decoding, so the output is the same on every run):
+
+# %%
+prompts = [
+    "Letter from Sela Farrow in Morrow to a friend in",
+    "-- list the names of the students who live in Ostrin.\n",
+]
+for prompt in prompts:
+    ids = tok(prompt, return_tensors="pt").to(model.device)
+    out = model.generate(**ids, max_new_tokens=40, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    print(tok.decode(out[0], skip_special_tokens=True), end="\n\n")
+
+# %% [markdown]
+# ## What it knows, and what it cannot do yet
+#
+# Two kinds of measurement run through the whole book:
+#
+# - **knowledge probes**: cloze questions about facts stated in the pretraining corpus
+#   ("Runa Galt lives in ..."). Their accuracy after fine-tuning tells how much the model
+#   *forgot*;
+# - **task accuracy** on held-out test sets of the three tasks the book teaches: `support`
+#   (a shop's customer-service assistant; the answer must state the right fact), `sql`
+#   (questions to SQL over `data/shop.sql`, scored by running both queries in sqlite3) and
+#   `shift` (a made-up language).
+
+# %% tags=["nbval-ignore-output"]
+from lora_lab import data, evaluate
+
+probe_acc = evaluate.probe_accuracy(model, tok)
+zero_shot = {t: evaluate.task_accuracy(model, tok, t, limit=100)
+             for t in data.TASKS}
+
+# %%
+print(f"probe accuracy: {probe_acc:.2f}")
+for task, acc in zero_shot.items():
+    print(f"zero-shot {task:8} accuracy: {acc:.2f}")
+assert probe_acc >= 0.80
+assert all(acc <= 0.20 for acc in zero_shot.values())
+
+# %% [markdown]
+# The model knows its world (high probe accuracy) and knows the *formats* — it has seen
+# chats and SQL — but it cannot do any of the three tasks. That is the situation LoRA is
+# for: teach a narrow skill on top of a capable base, ship the skill as a small file.
+#
+# An example of the `sql` task, and what the base model answers:
+
+# %%
+example = data.load_task("sql", "test")[0]
+question = example["messages"][0]["content"]
+(answer,) = evaluate.generate_answers(model, tok, [example["messages"][:1]],
+                                      progress=False)
+print("question: ", question)
+print("reference:", example["sql"])
+print("base says:", answer)
+assert not evaluate.score_sql(answer, example["sql"])
+
+# %% [markdown]
+# ## Summary
+#
+# - A 7B model is 6.7 billion parameters: 13.5 GB in fp16 before any training state.
+#   Full fine-tuning needs about 16 bytes per parameter; LoRA needs that only for the patch.
+# - The book's experiments run on a bundled tiny Llama that knows a fictional world and the
+#   formats of chat and SQL, but none of the three tasks.
+# - Set `LORA_LAB_BASE_MODEL` (or `BASE_MODEL` above) to run everything on a real model.
+#
+# ## Exercises
+#
+# 1. How many parameters does Llama-2-70B have, and how much memory would full
+#    fine-tuning in bf16 with AdamW need by the 16-bytes rule?
+# 2. Load the tiny model and print `model` to find the names of its linear layers. Which
+#    of them would `target_modules=["q_proj", "v_proj"]` patch?
+#
+# ```{admonition} Solution 1
+# :class: dropdown
+# `sizing.count_params("llama-2-70b")` gives 68,976,648,192; times 16 bytes is about
+# 1.1 TB, or `sizing.memory_estimate("llama-2-70b", "full")["total"]`.
+# ```
+#
+# ```{admonition} Solution 2
+# :class: dropdown
+# Each decoder layer has `q_proj`, `k_proj`, `v_proj`, `o_proj` (attention) and
+# `gate_proj`, `up_proj`, `down_proj` (MLP), plus the `lm_head` output layer. The list
+# patches the query and value projections of every layer: two per layer.
+# ```
