@@ -1,0 +1,356 @@
+# %% [markdown]
+# # 03 · Where to patch
+#
+# A patch has to go somewhere. A transformer layer offers several linear layers LoRA can
+# wrap, and which ones you pick decides how much the patch can change, how big the file
+# gets and how much it costs to train. The sources give the usual map:
+#
+# - **attention** (`q_proj`, `k_proj`, `v_proj`, `o_proj`): the classic target, and the
+#   original paper's choice {cite}`hu2021lora`. These layers decide which earlier tokens
+#   each token reads from, so patching them reroutes the flow of information.
+# - **feed-forward network** (`gate_proj`, `up_proj`, `down_proj`): where each token's
+#   features are transformed; patching it adds capacity to learn task-specific patterns.
+#   Current practice often patches both.
+# - **embeddings and output head** (`embed_tokens`, `lm_head`): tied to the vocabulary;
+#   not recommended by default, because they make the adapter file much larger for little
+#   gain.
+#
+# This chapter measures each choice on the bundled model: task accuracy against trainable
+# parameters against adapter file size.
+#
+# **Learning goals**
+# - name the linear layers of a Llama block and choose LoRA targets by name;
+# - predict the trainable count of a placement from the layer shapes;
+# - read a measured trade-off between accuracy, trainable parameters and file size;
+# - see exactly why an embedding or head patch bloats the adapter file.
+
+# %% tags=["hide-cell"]
+# Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
+# torch build); does nothing anywhere else.
+import os
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
+EXTRAS = "train,book"  # pip extras this chapter needs
+HOME = "/content/lora-lab"
+if "google.colab" in sys.modules:
+    if not os.path.isdir(HOME):
+        clone = ["git", "clone", "--depth", "1", REPO_URL, HOME]
+        subprocess.run(clone, check=True)
+        pip = [sys.executable, "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
+    os.chdir(f"{HOME}/chapters")
+    sys.path.insert(0, HOME)
+
+# %%
+# Parameters: change these to run the chapter on another model or device.
+BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / path
+SEED = 0
+R, ALPHA = 8, 16  # the same rank and scale for every placement
+LIVE_PLACEMENT = "ffn"  # placement trained live at the end
+LIVE_STEPS = 15  # its training steps (the cached sweep used more)
+
+# %%
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from peft import LoraConfig, get_peft_model
+
+import lora_lab
+from lora_lab import data, plot, train
+from lora_lab.adapters import save_adapter
+from lora_lab.inject import LoRAConfig, add_lora, count_parameters
+from lora_lab.inject import linear_module_names
+from lora_lab.paths import RESULTS_DIR
+
+lora_lab.seed_everything(SEED)
+print(lora_lab.runtime.describe())
+
+# %% [markdown]
+# ## The candidates
+#
+# `linear_module_names` lists every layer LoRA could wrap. Here is one block of the bundled
+# model, plus the two vocabulary-sized layers at either end.
+
+# %%
+base, tok = lora_lab.load_base(BASE_MODEL)
+names = linear_module_names(base)
+block = [n for n in names if ".layers.0." in n]
+for name in block + ["lm_head"]:
+    w = base.get_submodule(name).weight
+    print(f"{name:32} weight {tuple(w.shape)}")
+emb = base.get_input_embeddings().weight
+print(f"{'model.embed_tokens':32} weight {tuple(emb.shape)}")
+print(f"{len(base.model.layers)} blocks, "
+      f"{count_parameters(base)[1]:,} parameters in all")
+
+# %% [markdown]
+# A LoRA patch on a layer with $d_\text{in}$ inputs and $d_\text{out}$ outputs trains
+# $r\,(d_\text{in} + d_\text{out})$ numbers. So before training anything we can predict every
+# placement's trainable count from the shapes above. The five placements of this chapter:
+
+# %%
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FFN = ["gate_proj", "up_proj", "down_proj"]
+PLACEMENTS = {
+    "q,v": ["q_proj", "v_proj"],
+    "attention": ATTN,
+    "ffn": FFN,
+    "all-linear": "all-linear",
+    "all-linear+embed+head": [*ATTN, *FFN, "embed_tokens", "lm_head"],
+}
+
+
+def predicted(targets):
+    """r * (d_in + d_out) summed over the layers `targets` selects."""
+    total = 0
+    for name, module in base.named_modules():
+        hit = targets == "all-linear" and name in names and name != "lm_head"
+        hit = hit or (isinstance(targets, list)
+                      and name.split(".")[-1] in targets)
+        if hit:
+            d_out, d_in = module.weight.shape
+            total += R * (d_in + d_out)
+    return total
+
+
+for placement, targets in PLACEMENTS.items():
+    print(f"{placement:22} {predicted(targets):>9,} trainable")
+
+# %% [markdown]
+# ## Build each placement and weigh its file
+#
+# Trainable counts and file sizes do not depend on training, so we can check them right
+# away. `lora_lab` builds the first four. It does not do LoRA on embeddings, so the last
+# row is PEFT's: it wraps `embed_tokens` in a LoRA embedding layer and `lm_head` in a LoRA
+# linear layer.
+
+# %%
+def build(placement):
+    lora_lab.seed_everything(SEED)
+    model, _ = lora_lab.load_base(BASE_MODEL)
+    targets = PLACEMENTS[placement]
+    if placement == "all-linear+embed+head":
+        config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets)
+        return get_peft_model(model, config)
+    return add_lora(model, LoRAConfig(r=R, lora_alpha=ALPHA,
+                                      target_modules=targets))
+
+
+def file_bytes(model, **kwargs):
+    with tempfile.TemporaryDirectory() as tmp:
+        if hasattr(model, "peft_config"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.save_pretrained(tmp, **kwargs)
+        else:
+            save_adapter(model, tmp)
+        return (Path(tmp) / "adapter_model.safetensors").stat().st_size
+
+
+live_sizes = {}
+for placement in PLACEMENTS:
+    model = build(placement)
+    trainable = count_parameters(model)[0]
+    assert trainable == predicted(PLACEMENTS[placement])
+    live_sizes[placement] = (trainable, file_bytes(model))
+    print(f"{placement:22} {trainable:>9,} trainable  "
+          f"{live_sizes[placement][1]:>10,} bytes on disk")
+
+# %% [markdown]
+# The first four files grow in step with the trainable count: 4 bytes per fp32 number plus
+# a small header. The last one jumps. PEFT's `save_pretrained` has an option
+# `save_embedding_layers`, `"auto"` by default: when `embed_tokens` or `lm_head` is a
+# target, it saves the **whole** embedding and head weights alongside the patch, since a
+# patched vocabulary layer usually goes with a resized vocabulary. Those two matrices are
+# $2 \times 2048 \times 192$ numbers, more than the rest of the adapter many times over.
+# Saving with `save_embedding_layers=False` leaves them out:
+
+# %%
+peft_model = build("all-linear+embed+head")
+lean = file_bytes(peft_model, save_embedding_layers=False)
+vocab_weights = 2 * emb.numel() * 4
+print(f"default save:                 "
+      f"{live_sizes['all-linear+embed+head'][1]:>10,} bytes")
+print(f"save_embedding_layers=False:  {lean:>10,} bytes")
+print(f"embedding + head weights:     {vocab_weights:>10,} bytes")
+extra = live_sizes["all-linear+embed+head"][1] - lean
+assert abs(extra - vocab_weights) < 1000  # the difference is those weights
+
+# %% [markdown]
+# On Llama-2-7B the same two matrices are $2 \times 32000 \times 4096$ numbers: 1 GB in
+# fp32 riding along in what should be a megabyte-sized patch.
+#
+# ## The measured trade-off
+#
+# `benchmarks/where_to_patch.py` trains each placement on the `sql` task with the same
+# rank, learning rate, steps and data order, then scores 200 unseen requests and the
+# knowledge probes; as a reference it also fine-tunes every weight with the same budget
+# (learning rate 1e-3; its "adapter file" is the whole model). Its cached results, after
+# checking they describe the same adapters we just built (the cached run may leave out the
+# slow PEFT placement; the cell says so):
+
+# %%
+sweep = json.loads((RESULTS_DIR / "where_to_patch.json").read_text())
+rows = {row["placement"]: row for row in sweep["rows"]}
+full = rows.pop("full")  # the reference row: full fine-tuning, same budget
+for placement, row in rows.items():
+    trainable, size = live_sizes[placement]
+    assert row["trainable_params"] == trainable, placement
+    assert row["adapter_bytes"] == size, placement
+print("not trained in the cached sweep:",
+      ", ".join(p for p in PLACEMENTS if p not in rows) or "none")
+print(f"task {sweep['task']}, r={sweep['r']}, alpha={sweep['lora_alpha']}, "
+      f"{sweep['steps']} steps x batch {sweep['batch_size']}, "
+      f"lr {sweep['lr']}, {sweep['eval_items']} test items")
+print(f"{'placement':22} {'trainable':>9} {'file KB':>8} {'accuracy':>8} "
+      f"{'probes':>6}")
+for placement, row in rows.items():
+    print(f"{placement:22} {row['trainable_params']:>9,} "
+          f"{row['adapter_bytes'] / 1000:>8.0f} {row['accuracy']:>8.2f} "
+          f"{row['probe_accuracy']:>6.2f}")
+print(f"{'full fine-tuning':22} {full['trainable_params']:>9,} "
+      f"{full['adapter_bytes'] / 1000:>8.0f} {full['accuracy']:>8.2f} "
+      f"{full['probe_accuracy']:>6.2f}")
+print(f"(base model probe accuracy: {sweep['base_probe_accuracy']:.2f})")
+
+# %%
+fig, axes = plot.new_figure(ncols=2, width=4.6, height=3.5)
+with plt.rc_context(plot.BOOK_STYLE):
+    for i, (placement, row) in enumerate(rows.items()):
+        for ax, key in zip(axes, ("trainable_params", "adapter_bytes")):
+            ax.scatter(row[key] / 1000, row["accuracy"], s=60,
+                       color=plot.COLORS[i], label=placement, zorder=3)
+    for ax in axes:
+        ax.axhline(full["accuracy"], color="#999999", ls="--", lw=1,
+                   label="full fine-tuning")
+        ax.set_xscale("log")
+    axes[0].set_xlabel("trainable parameters (thousands)")
+    axes[1].set_xlabel("adapter file (KB, default save)")
+    for ax in axes:
+        ax.set_ylabel(f"{sweep['task']} test accuracy")
+        ax.set_ylim(0, 1.02)
+    axes[0].legend(loc="upper left", ncol=2)
+    fig.suptitle(f"LoRA r={sweep['r']}: where the patch goes")
+fig
+
+# %% [markdown]
+# (claim-where-to-patch)=
+# What the sweep says, checked against the sources' map:
+#
+# 1. **Attention is the classic target, and all four projections beat two.** The LoRA
+#    paper patched $W_q$ and $W_v$ {cite}`hu2021lora`; at the same rank, patching all four
+#    attention projections learns more of the task in the same budget.
+# 2. **The FFN adds capacity.** Its three layers are wider, so the same rank trains more
+#    numbers there, and patching every linear layer (attention + FFN) learns the task
+#    clearly better than attention alone.
+# 3. **Embeddings and the head bloat the file.** Adding them adds few trainable numbers but,
+#    saved the default way, multiplies the adapter file several times (measured live above,
+#    no training needed). On this task they bought no accuracy over all-linear, and the
+#    patched vocabulary layers cost the most general knowledge: the lowest probe accuracy
+#    of any placement.
+#
+# None of the patches reaches full fine-tuning's accuracy in this short budget on this
+# small model; chapter 04 shows what rank and scale change, and chapter 09 where a small
+# patch stops being enough.
+
+# %%
+acc = {p: row["accuracy"] for p, row in rows.items()}
+size = {p: row["adapter_bytes"] for p, row in rows.items()}
+n = {p: row["trainable_params"] for p, row in rows.items()}
+checks = {
+    "attention (4) beats q,v (2)": acc["attention"] > acc["q,v"],
+    "ffn trains more numbers than attention": n["ffn"] > n["attention"],
+    "all-linear beats attention": acc["all-linear"] > acc["attention"],
+    "embed+head file > 5x all-linear file":
+        live_sizes["all-linear+embed+head"][1] > 5 * size["all-linear"],
+    "embed+head adds < 50% trainable":
+        live_sizes["all-linear+embed+head"][0] < 1.5 * n["all-linear"],
+    "embed+head adds no accuracy over all-linear":
+        acc["all-linear+embed+head"] <= acc["all-linear"],
+    "embed+head forgets more probes than all-linear":
+        rows["all-linear+embed+head"]["probe_accuracy"]
+        < rows["all-linear"]["probe_accuracy"],
+    "full fine-tuning beats every patch here":
+        full["accuracy"] > max(acc.values()),
+}
+for claim, ok in checks.items():
+    print(f"{claim:40} {ok}")
+assert all(checks.values())
+
+# %% [markdown]
+# More targets are not free: every placement adds trainable parameters, optimizer state
+# and file size, and a bigger patch can also overfit a small data set. Choosing targets is
+# an engineering trade-off like choosing $r$ (chapter 04). A reasonable default is what
+# this sweep and current practice agree on: all linear layers of the blocks, and neither
+# the embedding nor the head unless the vocabulary itself has to change.
+#
+# ## See one placement train
+#
+# A short live run of one placement (`LIVE_PLACEMENT`), with fewer steps than the sweep.
+# The loss is printed as it trains (that output varies with the machine's speed, so it is
+# not compared); the cell after it checks that the patch learned something: the mean loss
+# of the last three steps is at least 20% below that of the first three.
+
+# %% tags=["nbval-ignore-output"]
+model = build(LIVE_PLACEMENT)
+run = train.train(model, tok, data.load_task(sweep["task"], "train"),
+                  steps=LIVE_STEPS, lr=sweep["lr"],
+                  batch_size=sweep["batch_size"], seed=SEED)
+print(f"{LIVE_PLACEMENT}: loss {run['losses'][0]:.3f} -> "
+      f"{run['losses'][-1]:.3f} in {run['seconds']:.1f} s")
+
+# %%
+first = sum(run["losses"][:3]) / 3
+last = sum(run["losses"][-3:]) / 3
+print("loss fell by at least a fifth:", last < 0.8 * first)
+assert last < 0.8 * first
+
+# %% [markdown]
+# ## Summary
+#
+# - Targets are chosen by layer name; a patch on a $d_\text{in} \to d_\text{out}$ layer
+#   trains $r(d_\text{in} + d_\text{out})$ numbers, so wider layers cost more at the same
+#   rank.
+# - On the bundled model, at one rank and one budget, more placements learned more: q,v
+#   below all four attention projections, below every linear layer. Full fine-tuning,
+#   with 22 times the trainable numbers of all-linear, learned the most.
+# - LoRA on the embedding and head adds few trainable numbers but, saved PEFT's default way,
+#   ships the full vocabulary matrices in the adapter file: here several times the size of
+#   everything else, on Llama-2-7B a gigabyte.
+#
+# ## Exercises
+#
+# 1. Predict, then check with `count_parameters`, the trainable count of r=8 on
+#    `gate_proj` alone.
+# 2. Train the live cell with `LIVE_PLACEMENT = "q,v"` and the same steps. Is its loss
+#    after 15 steps higher or lower than the FFN's?
+# 3. Why does "all-linear" leave out `lm_head`, even though it is a linear layer?
+#
+# ```{admonition} Solution 1
+# :class: dropdown
+# `gate_proj` maps 192 to 512, so each block adds $8 \cdot (192 + 512) = 5{,}632$ and the
+# four blocks 22,528. Check it with
+# `count_parameters(add_lora(lora_lab.load_base()[0], LoRAConfig(r=8,
+# target_modules=["gate_proj"])))[0]`.
+# ```
+#
+# ```{admonition} Solution 2
+# :class: dropdown
+# Set `LIVE_PLACEMENT = "q,v"` in the parameters cell and re-run from there. q,v trains
+# 24,576 numbers against the FFN's 67,584 and usually ends the 15 steps with a higher loss;
+# the cached sweep shows where each placement ends up with more steps.
+# ```
+#
+# ```{admonition} Solution 3
+# :class: dropdown
+# PEFT defines "all-linear" as every linear layer except the output layer, and `lora_lab`
+# follows it: the head is vocabulary-sized (here 2048 × 192, on Llama-2-7B 32000 × 4096),
+# so patching it costs as much as several blocks, and changing the output vocabulary is
+# rarely what a task needs. Name `lm_head` explicitly when it is.
+# ```
