@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 02 · Inside the patch: $W_0x + BAx$
+# # 02 · Inside the patch: W₀x + BAx
 #
 # Chapter 01 treated the LoRA adapter as a black box: a small file that changes what a big
 # model does. Here we open the `.dll` and read it. There is not much inside: two thin

@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HTML = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ALL_MATH_RENDERED = (
+    "() => [...document.querySelectorAll('.math')].every(e => e.querySelector('mjx-container'))"
+)
 ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -107,22 +110,20 @@ def test_every_page_loads_clean_with_working_links_images_and_math(server, brows
         if broken_images:
             problems.append(f"{rel}: broken images {broken_images[:3]}")
         wide = page.eval_on_selector_all(
-            ".cell_input pre, div.highlight pre",
+            ".cell_input pre",
             "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).length",
         )
         if wide:
-            problems.append(f"{rel}: {wide} code blocks scroll horizontally")
+            problems.append(f"{rel}: {wide} code cells scroll horizontally")
         if page.locator(".math").count():
+            # MathJax typesets progressively; give it time, then require every formula rendered.
             try:
-                page.wait_for_selector("mjx-container", timeout=15_000)
+                page.wait_for_function(ALL_MATH_RENDERED, timeout=30_000)
             except playwright.TimeoutError:
-                problems.append(f"{rel}: math present but MathJax rendered nothing")
-            else:
-                raw = page.eval_on_selector_all(
+                left = page.eval_on_selector_all(
                     ".math", "els => els.filter(e => !e.querySelector('mjx-container')).length"
                 )
-                if raw:
-                    problems.append(f"{rel}: {raw} math elements left unrendered")
+                problems.append(f"{rel}: {left} formulas left unrendered by MathJax")
         page.close()
     assert not problems, "\n".join(problems)
 
