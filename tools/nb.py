@@ -104,8 +104,10 @@ def write_times_page(times: dict[str, float]) -> None:
     TIMES_PAGE.write_text(
         "# Notebook run times\n\n"
         "Wall-clock seconds to execute each chapter top to bottom on the 2-core CPU machine the book is\n"
-        "built on (no GPU), as measured by `python tools/nb.py build` when the notebook was last\n"
-        "stored. The budget is 180 s per chapter; on a Colab GPU the training cells run faster.\n\n"
+        "built on (no GPU), as measured by `python tools/nb.py build` when the notebook was\n"
+        "last stored. The budget is 180 s per chapter on a quiet machine; a figure above it was taken\n"
+        "while other jobs shared the two cores (`make notebooks` on a quiet machine re-measures all of\n"
+        "them). On a Colab GPU the training cells run faster.\n\n"
         f"| notebook | seconds |\n|---|---|\n{rows}\n\n"
         f"Total: {sum(times.values()):.0f} s.\n"
     )
