@@ -305,18 +305,18 @@ for k, v in cost.items():
 
 # %% [markdown]
 # `set_adapter` only repoints every wrapped layer at tensors already in memory, so it is
-# by far the cheapest switch. Loading reads and checks a file once per adapter. Merge +
-# unmerge computes $sBA$ for every patched layer and rewrites each weight twice: on this
-# model it took longer than loading the file, a sizeable share of a whole forward pass,
-# paid again at every switch. Merging per request only pays when long runs of requests
-# use the same adapter.
+# the cheapest switch: at least ten times cheaper than merge + unmerge, which computes
+# $sBA$ for every patched layer and rewrites each weight twice, paid again at every
+# switch. Loading reads and checks a file once per adapter; how it compares with the
+# other two depends on the disk and the page cache, so the table above is this machine's
+# answer, not a rule. Merging per request only pays when long runs of requests use the
+# same adapter.
 
 # %%
 fast = cost["set_adapter"] * 10
-print("set_adapter at least 10x cheaper than load and merge+unmerge:",
-      fast < min(cost["load from disk"], cost["merge + unmerge"]))
-assert fast < min(cost["load from disk"], cost["merge + unmerge"])
-assert cost["merge + unmerge"] > cost["load from disk"]
+print("set_adapter at least 10x cheaper than merge + unmerge:",
+      fast < cost["merge + unmerge"])
+assert fast < cost["merge + unmerge"]
 
 # %% [markdown]
 # ### Many adapters, a small device: an LRU cache
