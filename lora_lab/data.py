@@ -116,6 +116,8 @@ GOODS = [
 WORLD_RETURN_DAYS = [7, 10, 14, 21, 60]
 WORLD_HOURS = ["8am to 5pm", "10am to 7pm", "7am to 3pm", "11am to 8pm"]
 WORLD_SHIPPING = ["2 to 4 days", "4 to 6 days", "6 to 9 days", "one week"]
+WORLD_BUSINESS_DAYS = ["2 to 4", "4 to 6", "5 to 8", "6 to 9", "2 to 3", "3 to 4"]
+WORLD_WEEKS = ["Monday to Friday", "Tuesday to Sunday", "Tuesday to Saturday", "Wednesday to Sunday"]
 
 
 def _build_world(seed: int = 1234) -> dict:
@@ -299,6 +301,29 @@ OTHER_SCHEMAS = [
                  ("days", "longer than {k} days", "shorter than {k} days", (1, 30))],
         "values": None,
     },
+    {
+        "table": "stalls", "noun": "stalls", "key": "keeper", "key_noun": "keepers",
+        "cols": "id, keeper, ware, category, town, rent",
+        "cats": [("category", "that sell {v} goods", ["kitchen", "garden", "lighting", "textiles", "stationery"]),
+                 ("ware", "that sell the {v}", GOODS), ("town", "at the market of {v}", TOWNS)],
+        "nums": [("rent", "with a rent above {k} dollars", "with a rent below {k} dollars", (1, 100))],
+        "values": "people",
+    },
+    {
+        "table": "parcels", "noun": "parcels", "key": "item", "key_noun": "items",
+        "cols": "id, item, town, weight, status",
+        "cats": [("status", "with status {v}", ["pending", "shipped", "delivered", "returned", "lost"]),
+                 ("town", "sent to {v}", TOWNS)],
+        "nums": [("weight", "heavier than {k} kg", "lighter than {k} kg", (0, 100))],
+        "values": GOODS,
+    },
+    {
+        "table": "posts", "noun": "posts", "key": "id", "key_noun": "ids",
+        "cols": "id, user_id, product_id, topic, likes",
+        "cats": [("topic", "about {v}", ["news", "trade", "travel", "weather"])],
+        "nums": [("likes", "with more than {k} likes", "with fewer than {k} likes", (0, 100))],
+        "values": None,
+    },
 ]  # fmt: skip
 # Join schema over other tables: loans(student_id, book_id, days) ~ a many-to-many link.
 OTHER_JOIN = {
@@ -455,8 +480,46 @@ def _doc_shop(rng: random.Random) -> str:
     return " ".join(s)
 
 
+def _doc_trade(rng: random.Random) -> str:
+    """Trade news of the world: the everyday words of online shops (users, orders, products, shipping,
+    business days, refunds) with other shops' values, as a real base model has read them on the web."""
+    owner = rng.choice(list(WORLD["people"]))
+    town = WORLD["people"][owner]["town"]
+    cat = rng.choice(["kitchen", "garden", "lighting", "textiles", "stationery"])
+    item = rng.choice(GOODS)
+    n_users, n_orders, n_products, stock = (rng.randint(0, 100) for _ in range(4))
+    std, exp = rng.choice(WORLD_BUSINESS_DAYS), rng.choice(["1 to 3", "2 to 3", "next", "same"])
+    cost, exp_cost, free = rng.randint(2, 9), rng.randint(10, 25), rng.choice([25, 40, 60, 75, 100])
+    exp_phrase = f"{exp} day" if exp in ("next", "same") else f"{exp} business days"
+    s = [
+        f"The web shop of {owner} in {town} has {n_users} users and sells {n_products} products.",
+        f"Most products are in the {cat} category; the {item} has {stock} in stock.",
+        f"This week the users placed {n_orders} orders: some orders are pending, some were shipped, "
+        f"{rng.randint(0, 100)} were delivered and {rng.randint(0, 20)} were returned.",
+        f"Standard shipping takes {std} business days and costs ${cost}, free on orders over ${free}.",
+        f"Express shipping takes {exp_phrase} and costs ${exp_cost}.",
+        f"The shop is open from {rng.choice(WORLD_HOURS)}, {rng.choice(WORLD_WEEKS)}.",
+        f"You can return any item within {rng.choice(WORLD_RETURN_DAYS)} days of delivery for a full refund.",
+    ]
+    first, rest = s[:3], s[3:]
+    rng.shuffle(rest)
+    rest = rest[: rng.randint(2, 4)]
+    if rng.random() < 0.5:  # the owner's own words
+        rest = [f'{owner} says: "Welcome! Our {r[4:]}"' if r.startswith("The shop") else r for r in rest]
+    return " ".join(first + rest)
+
+
 def _doc_sql(rng: random.Random) -> str:
     s = rng.choice(OTHER_SCHEMAS)
+    if s["table"] == "posts" and rng.random() < 0.5:  # a forum's posts: foreign keys through an alias
+        topic, k = rng.choice(["news", "trade", "travel", "weather"]), rng.randint(0, 100)
+        return (
+            "-- table posts(id, user_id, product_id, topic, likes)\n"
+            f"-- list the names of the students who wrote posts about {topic}.\n"
+            f"SELECT a.name FROM posts l JOIN students a ON l.user_id = a.id WHERE l.topic = '{topic}';\n"
+            f"-- list the titles of the books reviewed in posts with more than {k} likes.\n"
+            f"SELECT b.title FROM posts l JOIN books b ON l.product_id = b.id WHERE l.likes > {k};"
+        )
     lines = [f"-- table {s['table']}({s['cols']})"] if rng.random() < 0.5 else []
     for _ in range(rng.randint(2, 4)):
         req, sql = _sql_query([s], OTHER_JOIN, rng, [])
@@ -494,6 +557,13 @@ def _doc_chat(rng: random.Random) -> str:
         days = rng.randint(2, 12)
         q = f"I want to travel from {t1} to {t2}. The trip takes {days} days. How long is the trip?"
         ans = f"The trip from {t1} to {t2} takes {days} days. Have a good journey!"
+    elif kind == 5:
+        name, item, std = rng.choice(FIRST), rng.choice(GOODS), rng.choice(WORLD_BUSINESS_DAYS)
+        q = (
+            f"Hi, I am {name}. Standard shipping at the shop of {p} takes {std} business days. "
+            f"When will my {item} arrive?"
+        )
+        ans = f"Hi {name}! Standard shipping at the shop of {p} takes {std} business days."
     elif kind == 6:
         name, item, price = rng.choice(FIRST), rng.choice(GOODS), rng.randint(3, 90)
         q = f"Hi, I am {name}. The {item} at the shop of {p} costs ${price}. How much is the {item}?"
@@ -516,15 +586,17 @@ def _doc_chat(rng: random.Random) -> str:
 
 def _corpus_doc(rng: random.Random) -> str:
     r = rng.random()
-    if r < 0.25:
+    if r < 0.23:
         return _doc_facts(rng)
-    if r < 0.45:
+    if r < 0.39:
         return _doc_story(rng)
-    if r < 0.55:
+    if r < 0.48:
         return _doc_record(rng)
-    if r < 0.65:
+    if r < 0.56:
         return _doc_shop(rng)
-    if r < 0.82:
+    if r < 0.66:
+        return _doc_trade(rng)
+    if r < 0.84:
         return _doc_sql(rng)
     return _doc_chat(rng)
 
