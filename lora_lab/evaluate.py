@@ -23,6 +23,8 @@ import torch
 from lora_lab import data
 
 __all__ = [
+    "sql_shape",
+    "accuracy_by_shape",
     "perplexity",
     "probe_accuracy",
     "task_accuracy",
@@ -220,3 +222,34 @@ def task_accuracy(model, tokenizer, task: str, split: str = "test", limit: int |
     db = _shop_db() if task == "sql" else None
     acc = sum(score_answer(task, a, ex, db) for a, ex in zip(answers, examples)) / len(examples)
     return (acc, answers) if return_answers else acc
+
+
+def sql_shape(sql: str) -> str:
+    """The request shape of a reference query: join, group, top, agg, count, and, num or select."""
+    if " JOIN " in sql:
+        return "join"
+    if "GROUP BY" in sql:
+        return "group"
+    if "ORDER BY" in sql:
+        return "top"
+    if re.search(r"\b(AVG|MAX|MIN|SUM)\(", sql):
+        return "agg"
+    if "COUNT(" in sql:
+        return "count"
+    if " AND " in sql:
+        return "and"
+    if re.search(r"[<>] \d", sql):
+        return "num"
+    return "select"
+
+
+def accuracy_by_shape(answers: list[str], split: str = "test") -> dict[str, list[int]]:
+    """`{shape: [correct, total]}` for sql answers given in the order of `split`: where a fine-tune fails."""
+    examples = data.load_task("sql", split)[: len(answers)]
+    db = _shop_db()
+    out: dict[str, list[int]] = {}
+    for answer, ex in zip(answers, examples):
+        row = out.setdefault(sql_shape(ex["sql"]), [0, 0])
+        row[0] += int(score_sql(answer, ex["sql"], db))
+        row[1] += 1
+    return out

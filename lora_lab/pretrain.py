@@ -57,7 +57,7 @@ MODEL_CONFIG = {
 }
 SEQ_LEN = 128
 BATCH_SIZE = 16
-STEPS = 1000
+STEPS = 3000
 PEAK_LR = 3e-3
 WARMUP = 100
 SEED = 0
@@ -243,7 +243,7 @@ def _plot_curve(curve: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 def _finetune(model_dir: Path, task: str, method: str, steps: int, seed: int = SEED) -> dict:
     """Fine-tune a fresh copy of the base on `task` ("lora": PEFT r=8 on q,k,v,o; "full": every weight)."""
-    from lora_lab.evaluate import probe_accuracy, task_accuracy
+    from lora_lab.evaluate import accuracy_by_shape, probe_accuracy, task_accuracy
     from lora_lab.models import load_base
     from lora_lab.train import train
 
@@ -260,8 +260,9 @@ def _finetune(model_dir: Path, task: str, method: str, steps: int, seed: int = S
     torch.manual_seed(seed)
     res = train(model, tok, data.load_task(task, "train"), steps=steps, lr=lr, batch_size=TASK_BATCH, seed=seed,
                 progress=False)  # fmt: skip
-    acc = task_accuracy(model, tok, task, "test", progress=False)
+    acc, answers = task_accuracy(model, tok, task, "test", progress=False, return_answers=True)
     probes = probe_accuracy(model, tok)
+    extra = {"by_shape": accuracy_by_shape(answers)} if task == "sql" else {}
     return {
         "task": task,
         "method": method,
@@ -272,6 +273,7 @@ def _finetune(model_dir: Path, task: str, method: str, steps: int, seed: int = S
         "final_loss": round(sum(res["losses"][-10:]) / 10, 4),
         "test_accuracy": round(acc, 4),
         "probe_accuracy_after": round(probes, 4),
+        **extra,
     }
 
 
@@ -341,9 +343,14 @@ model: it knows a small fictional world, SQL over a few toy schemas and a chat f
 `python -m lora_lab.data` writes every data set (seeded, byte-identical on every run). The pretraining
 corpus ({docs:,} documents, {corpus_tokens:,} tokens) mixes: facts, town descriptions and stories of
 a small fictional world (40 people, 12 towns); records whose summaries repeat the names and numbers they
-contain (copying from context); shops of that world with their own prices and rules; `--` comment ->
-SQL pairs over six schemas that are NOT the shop's (books, students, ships, patients, plants, loans);
-and chats whose answers restate the question's entities. The fine-tuning tasks (`support`, `sql`, `shift`) are not in the corpus.
+contain (copying from context); shops of that world with their own prices and rules; trade news that
+uses the everyday words of web shops (users, orders, products, standard and express shipping, business
+days, refunds) with other shops' values; `--` comment -> SQL pairs over nine schemas that are NOT the
+shop's (books, students, ships, patients, plants, loans, stalls, parcels, posts); and chats whose
+answers restate the question's entities. The fine-tuning tasks (`support`, `sql`, `shift`) are not in
+the corpus, nor are the task shop's name, tables or policies (a test checks); their vocabulary is, as it
+would be for a real base model: every token a `sql` or `support` answer uses is a token the base model
+was trained to predict (a test checks this too). `shift`'s made-up words are not, on purpose.
 
 ## Training
 `python -m lora_lab.pretrain`: {steps:,} steps of AdamW (batch {batch} x {seq} tokens, peak learning rate
@@ -377,15 +384,7 @@ lr {lora_lr}. Full: every weight, lr {full_lr}.
 |---|---|---|
 {floor_rows}
 
-Known weakness, seen by prompting the base model with corpus-style SQL comments: it copies names and
-categories from its context reliably (`-- list the names of the students from Quillby.` ->
-`SELECT name FROM students WHERE town = 'Quillby';`) but not numbers (`older than 37` -> `age > 59`;
-`seat 43` -> `seat 44`), so requests with a number (comparisons, LIMIT) are likely where fine-tunes
-fail (not yet broken down by request shape). LoRA on the attention projections also learns slowly
-here: its final training loss stays near 1.1 nats/token on sql/support after 250 steps, where full
-fine-tuning reaches 0.01. Next steps: a corpus with more number copying, a longer pretraining run, and
-a LoRA learning-rate sweep.
-
+{shape_note}
 ## Intended use and limits
 For the LoRA Lab book and its tests only. It knows nothing about the real world and produces
 fluent text only in its corpus domain. Set `LORA_LAB_BASE_MODEL` to a real checkpoint for real work.
@@ -425,11 +424,18 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
                 f"LoRA r=8 by {margins['shift'] * 100:.1f} points, against at most {other * 100:.1f} on "
                 "`sql`/`support`: the low-rank update falls short where the task needs much new knowledge."
             )
-            if min(ft_acc("sql", "lora", metrics), ft_acc("support", "lora", metrics)) < 0.85:
+            if other > 0.2:
                 note += (
-                    " Caveat: LoRA r=8 also falls far short of full fine-tuning on `sql` and `support` with "
+                    " Caveat: LoRA r=8 also falls far short of full fine-tuning on `sql` or `support` with "
                     "these settings, so this margin is not yet a clean demonstration of low rank's limits."
                 )
+            for task in ("sql", "support"):
+                full_acc = ft_acc(task, "full", metrics)
+                if full_acc < 0.85:
+                    note += (
+                        f" On `{task}` even full fine-tuning stays under 85% ({full_acc:.1%}): the task is at "
+                        "the edge of what this small model learns in this budget, whatever the update's rank."
+                    )
         else:
             note = (
                 f"Honest note: with this data the full-vs-LoRA margin on `shift` ({margins['shift'] * 100:.1f} "
@@ -438,6 +444,7 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
     else:
         note = ""
     ft = {(r["task"], r["method"]): r["test_accuracy"] for r in metrics["finetune"]}
+    secs = {(r["task"], r["method"]): r["train_seconds"] for r in metrics["finetune"]}
     zs = metrics["zero_shot"]
 
     def floor(name: str, value, ok) -> str:
@@ -453,14 +460,14 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
         floor("zero-shot support <= 20%", pct(zs.get("support")), zs.get("support", 1) <= 0.2),
         floor("zero-shot sql <= 20%", pct(zs.get("sql")), zs.get("sql", 1) <= 0.2),
         floor(
-            "LoRA r=8 (q,k,v,o) on sql >= 85%",
-            pct(ft.get(("sql", "lora"))),
-            ft.get(("sql", "lora"), 0) >= 0.85,
+            "LoRA r=8 (q,k,v,o) on sql >= 85%, training in at most 2 minutes",
+            f"{pct(ft.get(('sql', 'lora')))} in {secs.get(('sql', 'lora'), math.nan):.0f} s",
+            ft.get(("sql", "lora"), 0) >= 0.85 and secs.get(("sql", "lora"), 1e9) <= 120,
         ),
         floor(
-            "LoRA r=8 (q,k,v,o) on support >= 85%",
-            pct(ft.get(("support", "lora"))),
-            ft.get(("support", "lora"), 0) >= 0.85,
+            "LoRA r=8 (q,k,v,o) on support >= 85%, training in at most 2 minutes",
+            f"{pct(ft.get(('support', 'lora')))} in {secs.get(('support', 'lora'), math.nan):.0f} s",
+            ft.get(("support", "lora"), 0) >= 0.85 and secs.get(("support", "lora"), 1e9) <= 120,
         ),
         floor(
             "full - LoRA margin on shift clearly larger than on sql/support",
@@ -471,6 +478,17 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
         ),
     ]
     ft_steps = metrics["finetune"][0]["steps"] if metrics["finetune"] else 0
+    shape_note = ""
+    for r in metrics["finetune"]:
+        if r["task"] == "sql" and "by_shape" in r:
+            parts = ", ".join(f"{k} {c}/{n}" for k, (c, n) in sorted(r["by_shape"].items(), key=lambda kv: kv[1][0] / kv[1][1]))
+            shape_note += f"Where the {r['method']} fine-tune fails on `sql` (correct/total by request shape): {parts}.\n"
+    if shape_note:
+        shape_note = (
+            "## Where sql answers go wrong\n" + shape_note + "\nShapes are listed worst first. Where both "
+            "fine-tunes fail on the same shapes, the limit is this small model (4 layers that must copy a product "
+            "name or a number from the request into the right place), not the low rank of the update.\n"
+        )
     size = (model_dir / "model.safetensors").stat().st_size
     text = CARD.format(
         params_m=metrics["parameters"] / 1e6, params=metrics["parameters"], size_mb=size / 1e6,
@@ -486,7 +504,7 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
         zs_shift=metrics["zero_shot"].get("shift", math.nan), eval_s=metrics["task_eval_seconds_per_200"],
         sample=metrics["sample"].replace("\n", " "), ft_steps=ft_steps, task_batch=TASK_BATCH,
         lora_lr=LORA_LR, full_lr=FULL_LR, ft_rows="\n".join(rows), shift_note=note, floor_rows="\n".join(floors),
-        notes="".join(f"\nNote: {n}\n" for n in metrics.get("notes", [])),
+        notes="".join(f"\nNote: {n}\n" for n in metrics.get("notes", [])), shape_note=shape_note,
     )  # fmt: skip
     path = model_dir / "README.md"
     path.write_text(text)
