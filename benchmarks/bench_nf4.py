@@ -37,7 +37,10 @@ def load_model(path: Path | None):
 
     path = path or (TINY_BASE_DIR if TINY_BASE_DIR.exists() else None)
     if path is not None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), str(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        label = Path(path).resolve()
+        repo = Path(__file__).resolve().parent.parent
+        return model, str(label.relative_to(repo)) if label.is_relative_to(repo) else str(path)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=2048,

@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 # The 16 NF4 levels, sorted. bitsandbytes generates them with create_normal_map(offset=0.9677083,
-# use_extra_value=True): 8 negative quantiles, an exact 0 and 7 positive ones, scaled so max |level| = 1.
+# use_extra_value=True): 7 negative quantiles, an exact 0 and 8 positive ones, scaled so max |level| = 1.
 NF4_CODE = torch.tensor(
     [
         -1.0,
