@@ -1,11 +1,13 @@
 """The command-line trainer: one YAML file in, a PEFT-format adapter and a metrics file out.
 
-    python -m lora_lab.cli train --config configs/sql.yaml [--output DIR] [--overwrite]
+    python -m lora_lab.train --config configs/sql.yaml [--output DIR] [--overwrite]
+    python -m lora_lab.cli train --config configs/sql.yaml       # the same
     lora-lab train --config configs/sql.yaml                     # the same, as a console script
 
     # several processes on one machine (DDP over gloo on CPU, NCCL on GPUs):
     torchrun --nproc_per_node 2 -m lora_lab.cli train --config configs/sql.yaml
     accelerate launch --multi_gpu --num_processes 4 -m lora_lab.cli train --config configs/sql.yaml
+    # (also on a CPU-only machine; `accelerate launch --cpu --num_processes N` starts ONE process)
 
 The YAML file holds flat keys (see `TrainConfig` for each one and its default):
 

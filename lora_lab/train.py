@@ -26,7 +26,7 @@ import time
 
 import torch
 
-__all__ = ["train", "encode_chat", "encode_example", "collate"]
+__all__ = ["train", "encode_chat", "encode_example", "collate", "main"]
 
 
 def encode_chat(
@@ -178,3 +178,16 @@ def train(
         "tokens": tokens,
         "trainable_params": sum(p.numel() for p in params),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lora_lab.train --config configs/sql.yaml`: the same as `lora-lab train --config ...`."""
+    import sys
+
+    from lora_lab.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -200,14 +200,26 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def _accelerate(args: list[str], *flags: str) -> subprocess.CompletedProcess:
+    """`accelerate launch FLAGS -m lora_lab.train ARGS` (the same entry point as the CLI's train)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    cmd = [accelerate, "launch", *flags, "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "lora_lab.train", *args[1:]]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
 def _train_cmd(out: Path) -> list[str]:
     return ["train", "--config", str(SMOKE), "--output", str(out), "--no-progress"]
 
 
 @needs_model
 @pytest.mark.slow
-def test_one_process_and_two_processes_train_the_same_adapter(tmp_path):
-    """The smoke config on one process and under torchrun with two (DDP, gloo).
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_one_process_and_two_processes_train_the_same_adapter(tmp_path, launcher):
+    """The smoke config on one process and on two (DDP, gloo), started by torchrun or by
+    `accelerate launch --multi_gpu --num_processes 2` (on a machine without GPUs the processes run on
+    the CPU: the trainer's `Accelerator(cpu=True)` makes them MULTI_CPU).
 
     Every process draws the same global batch and takes half of it; the loss is scaled so that DDP's
     gradient average equals the single-process gradient. So the runs differ only by float summation
@@ -218,7 +230,10 @@ def test_one_process_and_two_processes_train_the_same_adapter(tmp_path):
 
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli.main(_train_cmd(one)) == 0
-    proc = _torchrun(_train_cmd(two))
+    if launcher == "torchrun":
+        proc = _torchrun(_train_cmd(two))
+    else:
+        proc = _accelerate(_train_cmd(two), "--multi_gpu", "--num_processes", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     m1 = json.loads((one / "metrics.json").read_text())
@@ -256,3 +271,14 @@ def test_saved_adapter_loads_in_peft_and_gives_the_same_logits(tmp_path):
     ids = tok("<|user|>\nHow many users live in Ostrin?\n<|assistant|>\n", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids).logits, theirs.eval()(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+@needs_model
+@pytest.mark.slow
+def test_accelerate_launch_cpu_flag_starts_only_one_process(tmp_path):
+    """A pitfall the book warns about: in accelerate 1.15, `accelerate launch --cpu --num_processes 2`
+    on one machine starts ONE process (the --cpu path uses the simple launcher; several CPU processes
+    need --multi_gpu, torchrun, or an mpirun hostfile). The metrics file says how many ran."""
+    proc = _accelerate(_train_cmd(tmp_path / "cpu"), "--cpu", "--num_processes", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "cpu" / "metrics.json").read_text())["num_processes"] == 1

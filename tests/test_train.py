@@ -79,3 +79,38 @@ def test_no_trainable_parameters_is_an_error(base):
     finally:
         for p in model.parameters():
             p.requires_grad = True
+
+
+def test_python_m_lora_lab_train_is_the_cli_train_command(capsys):
+    from lora_lab.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--config" in capsys.readouterr().out
+    assert main(["--config", "no/such/config.yaml"]) == 2
+    assert "no/such/config.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lora_lab_loop_and_peft_trainer_adapters_are_interchangeable(tmp_path):
+    """A short run of benchmarks/loop_vs_trainer.py: both adapters train, and each loads in the other
+    library with the same logits and the same accuracy (the full 250-step comparison of accuracy is
+    the benchmark's job; its results are in data/results/loop_vs_trainer.json)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "loop_vs_trainer.py"
+    spec = importlib.util.spec_from_file_location("loop_vs_trainer", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.compare("sql", steps=12, limit=16, workdir=tmp_path)
+    for name in ("lora_lab loop", "PEFT + SFTTrainer"):
+        assert res["trained"][name]["final_loss"] < 3.0, name
+    ours, theirs = res["trained"]["lora_lab loop"], res["trained"]["PEFT + SFTTrainer"]
+    cross = res["cross_loaded"]
+    assert cross["lora_lab adapter in PEFT"]["max_logit_diff"] < 1e-4
+    assert cross["PEFT adapter in lora_lab"]["max_logit_diff"] < 1e-4
+    assert cross["lora_lab adapter in PEFT"]["accuracy"] == ours["accuracy"]
+    assert cross["PEFT adapter in lora_lab"]["accuracy"] == theirs["accuracy"]
+    assert (tmp_path / "lora_lab" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "peft_trl" / "adapter_model.safetensors").exists()
