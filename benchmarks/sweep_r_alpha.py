@@ -1,6 +1,6 @@
 """Sweep LoRA's rank r, alpha, rsLoRA and the learning rate on the bundled model; write the results.
 
-    python benchmarks/sweep_r_alpha.py --threads 1  # the full sweep (about 20 minutes on one CPU core)
+    python benchmarks/sweep_r_alpha.py --threads 1  # the full sweep (about 6 minutes on one quiet CPU core)
     python benchmarks/sweep_r_alpha.py --quick     # a few tiny runs (seconds), printed, nothing written
 
 Writes `data/results/sweep_r_alpha.json` (chapter 04 plots it; `lora_lab.widgets` explores it):

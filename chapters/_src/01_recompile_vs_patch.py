@@ -336,11 +336,11 @@ row(f"probe accuracy (base {sweep['base_probe_accuracy']:.2f}, cached)",
 # The Chinese source warns that a recompile can lose what the model knew ("knowledge rot",
 # catastrophic forgetting), and LoRA is widely said to forget less: Biderman et al. found
 # that it "learns less and forgets less" {cite}`biderman2024lora`. Our cached run checks both
-# halves. The first holds: in the same budget, full fine-tuning learned far more of the task.
-# The second does **not** hold here: both lost a handful of the 144 probes the base model
-# answered, and LoRA lost slightly more. On this model and budget, how much a fine-tune
-# forgets is not settled by how many parameters it trains; chapter 08 measures methods
-# built to forget less.
+# halves. The first holds: in the same budget, full fine-tuning learned more of the task.
+# The second cannot show on this task: neither run lost a single one of the 144 probes the
+# base model answered. Writing SQL for a shop does not pull the model away from its facts
+# about towns and people. Forgetting needs a task that does: on the made-up language of
+# chapter 09, full fine-tuning loses far more facts than LoRA.
 
 # %%
 n_probes = len(data.load_probes("test"))
@@ -352,7 +352,7 @@ print("full fine-tuning learned more of the task than LoRA:",
       cached["full"]["accuracy"] > cached["lora"]["accuracy"])
 print("full fine-tuning forgot more than LoRA:", lost["full"] > lost["lora"])
 assert cached["full"]["accuracy"] > cached["lora"]["accuracy"]
-assert 0 < lost["full"] <= lost["lora"]  # the claim is not supported here
+assert lost["full"] == lost["lora"] == 0  # nothing to tell apart on sql
 
 # %% [markdown]
 # ## The same arithmetic at 7B and 175B

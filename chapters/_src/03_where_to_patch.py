@@ -253,11 +253,12 @@ fig
 #    saved the default way, multiplies the adapter file several times (measured live above,
 #    no training needed). On this task they bought no accuracy over all-linear, and the
 #    patched vocabulary layers cost the most general knowledge: the lowest probe accuracy
-#    of any placement.
+#    of any placement, the only one that forgot facts at all.
 #
-# None of the patches reaches full fine-tuning's accuracy in this short budget on this
-# small model; chapter 04 shows what rank and scale change, and chapter 09 where a small
-# patch stops being enough.
+# And the best patches are as good as recompiling: all-linear LoRA lands within a few of
+# the 200 questions of full fine-tuning, training under a twentieth of its numbers. q,v
+# alone stays well below. Chapter 04 shows what rank and scale change, and chapter 09 where
+# a small patch stops being enough.
 
 # %%
 acc = {p: row["accuracy"] for p, row in rows.items()}
@@ -276,8 +277,12 @@ checks = {
     "embed+head forgets more probes than all-linear":
         rows["all-linear+embed+head"]["probe_accuracy"]
         < rows["all-linear"]["probe_accuracy"],
-    "full fine-tuning beats every patch here":
-        full["accuracy"] > max(acc.values()),
+    "all-linear within 0.05 of full fine-tuning":
+        abs(acc["all-linear"] - full["accuracy"]) <= 0.05,
+    "q,v more than 0.1 below full fine-tuning":
+        acc["q,v"] < full["accuracy"] - 0.1,
+    "all-linear trains < 5% of full's numbers":
+        n["all-linear"] < 0.05 * full["trainable_params"],
 }
 for claim, ok in checks.items():
     print(f"{claim:40} {ok}")
@@ -318,8 +323,8 @@ assert last < 0.8 * first
 #   trains $r(d_\text{in} + d_\text{out})$ numbers, so wider layers cost more at the same
 #   rank.
 # - On the bundled model, at one rank and one budget, more placements learned more: q,v
-#   below all four attention projections, below every linear layer. Full fine-tuning,
-#   with 22 times the trainable numbers of all-linear, learned the most.
+#   below all four attention projections, below every linear layer. All-linear LoRA
+#   matched full fine-tuning, which trains 22 times as many numbers.
 # - LoRA on the embedding and head adds few trainable numbers but, saved PEFT's default way,
 #   ships the full vocabulary matrices in the adapter file: here several times the size of
 #   everything else, on Llama-2-7B a gigabyte.

@@ -61,7 +61,7 @@ print(f"cached sweep: {len(sweep['runs'])} runs of {meta['steps']} steps on"
       f" the {meta['task']!r} task, batch {meta['batch_size']}")
 
 # %% [markdown]
-# The sweep comes from `python benchmarks/sweep_r_alpha.py` (about half an hour on one CPU
+# The sweep comes from `python benchmarks/sweep_r_alpha.py` (about six minutes on one quiet CPU
 # thread). Each run trains LoRA on the attention projections of the bundled model with the
 # same seed, data order and plain AdamW, and records the loss curve, the final loss, the
 # accuracy on 100 validation questions, and the size of the learned update
@@ -88,7 +88,9 @@ print("r:", ranks)
 # Three alpha rules over the same ranks at learning rate 3e-3: alpha = r (scaling 1),
 # alpha = 2r (scaling 2) and a fixed alpha = 16. At every rank alpha = 2r ends with a lower
 # loss than alpha = r; r=16 with alpha=16 (scaling 1) ends above r=16 with alpha=32. With a
-# fixed alpha the loss stops improving past r=16 while alpha = 2r keeps improving.
+# fixed alpha the loss stops improving past r=16 while alpha = 2r keeps improving a little.
+# The differences are small after 60 steps (hundredths of a nat), but they all point the
+# same way.
 
 # %%
 by_rule = [x for x in grid if x["lr"] == 3e-3 and not x["use_rslora"]]
@@ -105,7 +107,7 @@ for r in ranks:
 assert run(16, 16)["final_loss"] > run(16, 32)["final_loss"]
 fixed = [run(r, 16)["final_loss"] for r in (16, 32, 64)]
 assert max(fixed) - min(fixed) < 0.01
-assert run(64, 128)["final_loss"] < min(fixed) - 0.1
+assert run(64, 128)["final_loss"] < min(fixed)
 print(f"{'r':>3} {'alpha=r':>8} {'alpha=2r':>9} {'alpha=16':>9}  (final loss)")
 for r in ranks:
     print(f"{r:>3} {run(r, r)['final_loss']:>8.3f}"
@@ -113,15 +115,21 @@ for r in ranks:
           f" {run(r, 16)['final_loss']:>9.3f}")
 
 # %% [markdown]
-# Sixty steps are far too few for this model to write correct SQL (accuracy stays in
-# single digits, chapter 06 trains for real); the loss is the signal here. Still, the best
-# grid run by accuracy is the largest alpha = 2r one:
+# Accuracy on 100 validation questions is a noisier signal than the loss: one question is
+# one point. It rises from about a quarter at r=1 with alpha=1 to about two thirds, and past
+# r=4 the rules and ranks sit within a few questions of each other. At learning rate 3e-3
+# the weakest run is the smallest update (r=1, scaling 1); the best ones have r of 32 or
+# more:
 
 # %%
-best = max(grid, key=lambda x: (x["accuracy"], -x["final_loss"]))
-assert (best["r"], best["lora_alpha"]) == (64, 128)
-print(f"best: r={best['r']} alpha={best['lora_alpha']}"
-      f" accuracy {best['accuracy']:.0%}, final loss {best['final_loss']:.3f}")
+at_3e3 = [x for x in grid if x["lr"] == 3e-3]
+best = max(at_3e3, key=lambda x: (x["accuracy"], -x["final_loss"]))
+worst = min(at_3e3, key=lambda x: (x["accuracy"], -x["final_loss"]))
+assert (worst["r"], worst["lora_alpha"]) == (1, 1)
+assert best["r"] >= 32 and best["accuracy"] - worst["accuracy"] > 0.3
+for name, x in (("best", best), ("worst", worst)):
+    print(f"{name}: r={x['r']} alpha={x['lora_alpha']}"
+          f" accuracy {x['accuracy']:.0%}, final loss {x['final_loss']:.3f}")
 
 # %% [markdown]
 # (claim-alpha-fixed)=
@@ -158,7 +166,7 @@ for row, p in zip(rows, plain):
 
 # %%
 rs = [row["rsLoRA"]["update_norm_early"] for row in rows]
-assert all(0.85 < v / rs[0] <= 1.0 for v in rs)
+assert all(abs(v / rs[0] - 1) < 0.15 for v in rs)
 assert update[-1] / update[0] < 1 / 3
 print(f"||dW|| at r=64 relative to r=1: alpha/r {update[-1] / update[0]:.2f},"
       f" rsLoRA {rs[-1] / rs[0]:.2f}")
@@ -168,13 +176,31 @@ plot.plot_rank_scaling(scaling_exp, "direction_norm_early", ax=axes[1])
 fig
 
 # %% [markdown]
-# The final losses follow: at alpha = 16, rsLoRA's r=64 run ends lower than alpha/r's.
+# The final losses follow, by a little: at alpha = 16, rsLoRA's r=64 run ends lower than
+# alpha/r's.
 
 # %%
 rs64 = rows[-1]["rsLoRA"]["final_loss"]
-assert rows[-1]["r"] == 64 and rs64 < plain[-1]["final_loss"] - 0.1
+assert rows[-1]["r"] == 64 and rs64 < plain[-1]["final_loss"]
 print(f"r=64, alpha=16: final loss {plain[-1]['final_loss']:.3f} (alpha/r),"
       f" {rs64:.3f} (rsLoRA)")
+
+# %% [markdown]
+# The other side of the coin: rsLoRA's larger updates at high rank need a smaller learning
+# rate. The sweep also ran r=4 and r=32 at alpha = 16 with learning rates 1e-3 and 1e-2.
+# At 1e-2, rsLoRA at r=32 (scaling 16/sqrt(32), about 2.8) diverges while alpha/r at r=32
+# (scaling 0.5) trains fine.
+
+# %%
+print(f"{'r':>3} {'rule':>7} {'lr':>6} {'final loss':>11} {'accuracy':>9}")
+for x in sorted((x for x in grid if x["lr"] != 3e-3 or x["r"] in (4, 32)
+                 and x["lora_alpha"] == 16),
+                key=lambda x: (x["r"], x["use_rslora"], x["lr"])):
+    rule = "rsLoRA" if x["use_rslora"] else "alpha/r"
+    print(f"{x['r']:>3} {rule:>7} {x['lr']:>6g} {x['final_loss']:>11.3f}"
+          f" {x['accuracy']:>9.0%}")
+assert run(32, 16, True, lr=1e-2)["final_loss"] > 1.0
+assert run(32, 16, False, lr=1e-2)["final_loss"] < 0.2
 
 # %% [markdown]
 # (claim-alpha-lr)=

@@ -699,18 +699,18 @@ print(f"{'':16} {'loss (last 5)':>14} {'accuracy':>9} {'model MB':>9}")
 for name in runs:
     print(f"{name:16} {final_loss[name]:14.2f} {live_acc[name]:9.2f}"
           f" {held[name] / 1e6:9.2f}")
+assert abs(final_loss["QLoRA lora_lab"] / final_loss["LoRA 32-bit"] - 1) < 0.1
+assert final_loss["QLoRA PEFT"] < 2 * final_loss["LoRA 32-bit"]
 for name in ("QLoRA lora_lab", "QLoRA PEFT"):
-    assert abs(final_loss[name] / final_loss["LoRA 32-bit"] - 1) < 0.1
     assert held[name] < held["LoRA 32-bit"] / 2
 
 # %% [markdown]
-# After the same number of steps, both QLoRA runs reach a training loss within 10% of
-# 32-bit LoRA's while the model they train holds less than half the memory. Twenty steps
-# are far too few for the task itself: all three still score (close to) zero, and the
-# model card's 250-step LoRA recipe reaches about 20% on `sql`. Raise `LIVE_STEPS` to see
-# accuracy move; the loss is the fair comparison at this length. (The PEFT
-# run draws its batches in the Trainer's order, so its numbers differ a little from the
-# two runs that share `train.train`.)
+# After the same number of steps, the from-scratch QLoRA run reaches a training loss within
+# 10% of 32-bit LoRA's, with the same loop and data order, while the model it trains holds
+# less than half the memory. The PEFT run draws its batches in the Trainer's order, so
+# after 20 steps its loss is a different sample of the same curve (here within 2x). Twenty
+# steps already move the accuracy, but on `LIVE_ITEMS` items one answer is several points:
+# the loss is the fair comparison at this length.
 #
 # At full length, `benchmarks/qlora_train.py` trained all three for 250 steps with one
 # loop (`train.train`: same data order for all) and scored them on 200 test items:
@@ -725,14 +725,18 @@ for method, r in rows.items():
     print(f"{method:16} {r['test_accuracy']:9.3f} {r['final_loss']:11.4f}"
           f" {r['model_bytes'] / 1e6:9.2f}")
 gap = rows["lora"]["test_accuracy"] - rows["qlora_lora_lab"]["test_accuracy"]
-assert 0 < gap <= 0.05
+assert abs(gap) <= 0.02
+loss_ratio = rows["qlora_lora_lab"]["final_loss"] / rows["lora"]["final_loss"]
+assert abs(loss_ratio - 1) < 0.05
+assert rows["qlora_lora_lab"]["model_bytes"] < rows["lora"]["model_bytes"] / 2
 for key in ("final_loss", "test_accuracy"):
     assert rows["qlora_peft"][key] == rows["qlora_lora_lab"][key]
 
 # %% [markdown]
-# On this tiny model QLoRA costs a few points of accuracy against 32-bit LoRA (every
-# frozen weight carries the 9% relative error measured in step 3, and the model has little
-# redundancy to absorb it) for well under half the memory. And given the same loop, the
+# QLoRA's headline claim holds on this model: at full length it scores what 32-bit LoRA
+# scores, with a final loss within 5%, while the model it trains holds well under half the
+# memory. Every frozen weight carries the 9% relative error measured in step 3; the adapter,
+# trained on top of the quantized base, learns around it. And given the same loop, the
 # two QLoRA paths end with the same loss to four decimals and the same accuracy: PEFT over
 # bitsandbytes and lora_lab over `NF4Linear` train the very same numbers.
 #
@@ -939,11 +943,11 @@ unmerged_acc = rows["qlora_lora_lab"]["test_accuracy"]
 assert merges["qlora_lora_lab", "full_precision"]["max_logit_diff"] < 1e-3
 assert merges["qlora_lora_lab", "requantize"]["max_logit_diff"] > 1
 for r in qlora["merges"]:
-    assert abs(r["test_accuracy"] - unmerged_acc) <= 0.01
+    assert round(abs(r["test_accuracy"] - unmerged_acc) * 200) <= 2  # items
 
 # %% [markdown]
-# Here the re-quantized models moved their logits by more than 1 yet answered the 200
-# test items exactly as well: the rounding changed scores but not which answer won. That
+# Here the re-quantized models moved their logits by more than 1 yet lost only about two of
+# the 200 test items: the rounding changed scores but rarely which answer won. That
 # is luck you can measure, not a guarantee — what PEFT's warning means is that you cannot
 # know without measuring. Evaluate a re-quantized model before you ship it, or ship case 1
 # or case 2.
@@ -1004,7 +1008,7 @@ merge_plan(ql_model)
 # ```{admonition} Solution 1
 # :class: dropdown
 # `nf4.fake_quantize(w, nf4.NF4_CODE, blocksize=256)`: each scale now covers 256 weights,
-# so an outlier stretches the grid for more neighbours and the error rises (0.092 -> 0.099
+# so an outlier stretches the grid for more neighbours and the error rises (0.092 -> 0.100
 # relative RMSE on this model); the scales cost less: `bits_per_param_formula(256)` = 4.125 plain, 4.032 with double quantization.
 # It is the trade QLoRA made at 64.
 # ```

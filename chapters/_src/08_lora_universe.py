@@ -37,7 +37,7 @@ if "google.colab" in sys.modules:
 # Parameters: change these to run the chapter on another model or device.
 BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / path
 SEED = 0
-LIVE_TASK = "sql"  # task of the live comparison at the end
+LIVE_TASK = "support"  # task of the live comparison at the end
 LIVE_STEPS = 25  # its training steps (the cached benchmark used more)
 
 # %%
@@ -526,8 +526,8 @@ for task in bench["tasks"]:
 
 # %% [markdown]
 # The same numbers as a picture. Learning on the x-axis: the final training loss, drawn
-# so that further right means learned more (at this budget most `sql` accuracies are
-# still 0, so the loss is the finer measure). Forgetting on the y-axis: the perplexity on
+# so that further right means learned more (accuracy on 48 items after 40 steps moves in
+# steps of 2 points, so the loss is the finer measure). Forgetting on the y-axis: the perplexity on
 # the pretraining corpus after training, relative to the base model's (log scale). Up and
 # to the right is "learns more, forgets more"; the place to be is bottom right.
 
@@ -575,7 +575,7 @@ print({t: {m: round(lost(t, m), 3) for m in METHODS} for t in TASKS})
 # $\lambda = 16$. LoRA+ does learn faster: its mean loss over the first steps is lower than
 # plain LoRA's on both tasks. But a 16x faster $B$ is too large a step for this model at
 # this learning rate: it wrecks what the model knew, with the probe accuracy collapsing and
-# the corpus perplexity rising more than tenfold. The paper pairs the ratio with a smaller
+# the corpus perplexity rising three to seven times as much as plain LoRA's. The paper pairs the ratio with a smaller
 # base learning rate; on this model $\eta_A$ has to come down with it (exercise 1). So the
 # "faster" half of the claim reproduces here, and "at the same cost" does not.
 
@@ -587,7 +587,7 @@ for task in TASKS:
     assert (metric(task, "loraplus", "early_loss")
             < metric(task, "lora", "early_loss"))
     assert (metric(task, "loraplus", "perplexity")
-            > 10 * metric(task, "lora", "perplexity"))
+            > 3 * metric(task, "lora", "perplexity"))
     assert lost(task, "loraplus") > 0.5
 
 # %% [markdown]
@@ -625,25 +625,24 @@ for task in TASKS:
 # %% [markdown]
 # (claim-forgetting-variants)=
 # **LoRA-Null** and **CorDA-KPM** claim to preserve pretrained knowledge better than plain
-# LoRA {cite}`tang2025loranull` {cite}`yang2024corda`. On the corpus perplexity this model
-# agrees: with the same budget, both end closer to the base model's perplexity than plain
-# LoRA on both tasks. The knowledge probes are too coarse to tell them apart: at this budget
-# plain LoRA, LoRA-Null and CorDA-KPM all keep at least 95% of them, and on `sql` LoRA-Null
-# even keeps fewer than plain LoRA. So: measured as perplexity, reproduced; measured as
-# facts recalled, not visible at this scale.
+# LoRA {cite}`tang2025loranull` {cite}`yang2024corda`. On this model the answer depends on
+# the task. On `sql` both end closer to the base model's corpus perplexity than plain LoRA;
+# on `support` both end slightly *above* it. The knowledge probes cannot tell them apart:
+# at this budget plain LoRA, LoRA-Null and CorDA-KPM keep every one of them. So: reproduced
+# on one task of two, by a small margin, and not visible as facts recalled.
 
 # %%
 for task in TASKS:
     print(task, {m: (metric(task, m, "probe_accuracy"),
                      metric(task, m, "perplexity"))
                  for m in ("lora", "corda-kpm", "lora-null", "full")})
-for task in TASKS:
-    for m in ("lora-null", "corda-kpm"):
-        assert (metric(task, m, "perplexity")
-                < metric(task, "lora", "perplexity"))
+for m in ("lora-null", "corda-kpm"):
+    assert metric("sql", m, "perplexity") < metric("sql", "lora", "perplexity")
+    assert (metric("support", m, "perplexity")
+            > metric("support", "lora", "perplexity"))
+    for task in TASKS:
         assert metric(task, m, "probe_accuracy") >= 0.95
-assert (metric("sql", "lora-null", "probe_accuracy")
-        < metric("sql", "lora", "probe_accuracy"))
+        assert lost(task, m) == lost(task, "lora")
 
 # %% [markdown]
 # **LoRA learns less and forgets less** {cite}`biderman2024lora`. Against plain LoRA, full
@@ -756,10 +755,11 @@ for method, res in live.items():
           f"  probe accuracy {res['probes']:.2f}")
 
 # %% [markdown]
-# Even in 25 steps the benchmark's pattern shows: PiSSA, which starts training on $W$'s
-# principal components, brings the loss down faster than plain LoRA and is already losing
-# some of the facts; LoRA-Null, which starts in the inputs' blind spot, keeps at least as
-# many of them as plain LoRA.
+# Even in 25 steps the benchmark's `support` pattern shows: PiSSA, which starts training on
+# $W$'s principal components, brings the loss down faster than plain LoRA and is already
+# losing some of the facts; LoRA-Null, which starts in the inputs' blind spot, keeps at
+# least as many of them as plain LoRA. (On `sql` the benchmark saw PiSSA's forgetting only
+# in the corpus perplexity, not yet in the probes.)
 
 # %%
 assert live["pissa"]["loss"] < live["lora"]["loss"]
@@ -843,8 +843,9 @@ print("mixed batch == one request at a time; gradients stay per adapter")
 #   (LoftQ's cannot: its base is the quantized one).
 # - Claims about training depend on the budget and the model. With one fixed budget on a
 #   tiny model, OLoRA, PiSSA, CorDA-IPM and LoRA+ (at our learning rate) learned
-#   faster than plain LoRA and forgot more; LoRA-Null and CorDA-KPM kept the corpus perplexity closer to the
-#   base; full fine-tuning learned most and forgot a little more than plain LoRA.
+#   faster than plain LoRA and forgot more; LoRA-Null and CorDA-KPM kept the corpus
+#   perplexity closer to the base on `sql` but not on `support`; full fine-tuning learned
+#   most and forgot a little more than plain LoRA.
 # - Serving and training many adapters is a systems problem: keep adapters out of GPU
 #   memory until a batch needs them, batch requests for different adapters together, and
 #   share the frozen base between training jobs (S-LoRA, mLoRA).

@@ -114,17 +114,15 @@ assert runs["shift", "lora"]["test_accuracy"] < 0.05
 assert runs["shift", "full"]["test_accuracy"] > 0.9
 
 # %% [markdown]
-# **What this tiny model does not show cleanly.** LoRA r=8 also falls well short of full
-# fine-tuning on the two in-domain tasks here, which is not what real base models show:
-# there, a small adapter typically gets close to full fine-tuning on narrow in-domain
-# tasks. Our base model is small and its pretraining corpus is narrow, so its features
-# are a weaker foundation for a low-rank patch; the model card records this as a known
-# limit. So read the table as the *ordering* the sources describe — the farther the task
-# from pretraining, the larger the gap — not as the size of the gap you would see on a
-# 7B model.
+# On the two in-domain tasks the picture is the one the sources describe for narrow tasks:
+# LoRA r=8 matches full fine-tuning on `support` and stays within a few points of it on
+# `sql`. On `sql` both stay well under 100%: that ceiling is the small model's (the model
+# card breaks the errors down by request shape, and both methods fail on the same shapes),
+# not the low rank's.
 
 # %%
-assert all(gap[t] > 0 for t in tasks)
+assert gap["support"] <= 0.05 and gap["sql"] < 0.15
+assert gap["shift"] > 0.8
 
 # %% [markdown]
 # The forgetting columns tell the other half of the trade. On `shift`, full fine-tuning
