@@ -3,9 +3,9 @@
 Run by `make browser-test` after `make book` (and by .ci/run). It serves `_build/html` on
 127.0.0.1, opens every page, and checks: no console errors or uncaught exceptions, no broken
 internal links or images, no code block scrolling sideways, math rendered by MathJax, search
-finds a term. Requests that would
-leave 127.0.0.1 are blocked, so the book must be complete offline. Screenshots of three pages go
-to `_build/screenshots/`.
+finds a term, every notebook figure keeps an opaque light background in the dark theme.
+Requests that would leave 127.0.0.1 are blocked, so the book must be complete offline.
+Screenshots of three pages, and one in the dark theme, go to `_build/screenshots/`.
 """
 
 from __future__ import annotations
@@ -147,3 +147,40 @@ def test_screenshots_of_three_pages(server, browser):
         page.screenshot(path=str(out), full_page=False)
         page.close()
         assert out.stat().st_size > 10_000, f"{out} looks empty"
+
+
+FIGURE_CORNERS = """() => [...document.querySelectorAll('.cell_output img')].map(img => {
+  const c = document.createElement('canvas');
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const g = c.getContext('2d');
+  g.drawImage(img, 0, 0);
+  const corners = [[0, 0], [c.width - 1, 0], [0, c.height - 1], [c.width - 1, c.height - 1]];
+  const px = corners.map(([x, y]) => Array.from(g.getImageData(x, y, 1, 1).data));
+  return {src: img.getAttribute('src'), px: px};
+})"""
+
+
+def test_figures_stay_legible_in_the_dark_theme(server, browser):
+    """Switch every chapter to the dark theme and check each notebook figure carries its own
+    opaque, light background (dark text on a transparent PNG would vanish on a dark page).
+    Saves a dark-theme screenshot of the first chapter with figures."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    problems, shot, n_figures = [], None, 0
+    for rel in (p for p in pages() if p.startswith("chapters/")):
+        page, _, _ = open_page(browser, urljoin(server, rel))
+        page.evaluate("() => { document.documentElement.dataset.theme = 'dark'; "
+                      "localStorage.setItem('theme', 'dark'); }")  # fmt: skip
+        page.wait_for_function("() => [...document.querySelectorAll('.cell_output img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)")  # fmt: skip
+        for fig in page.evaluate(FIGURE_CORNERS):
+            n_figures += 1
+            if any(p[3] != 255 or sum(p[:3]) < 600 for p in fig["px"]):
+                problems.append(f"{rel}: {fig['src']} corners {fig['px']} (transparent or dark background)")
+        if shot is None and page.locator(".cell_output img").count():
+            shot = SHOTS / ("dark_" + rel.replace("/", "_").removesuffix(".html") + ".png")
+            page.locator(".cell_output img").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(shot), full_page=False)
+        page.close()
+    assert n_figures > 10, f"only {n_figures} figures found: did the selector change?"
+    assert shot is not None and shot.stat().st_size > 10_000
+    assert not problems, "\n".join(problems)
