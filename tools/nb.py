@@ -37,14 +37,15 @@ KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3
 
 
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Normalise execution counts, strip timings and widget state; keep outputs and tags.
+    """Normalise cell ids and execution counts, strip timings and widget state; keep outputs and tags.
 
     Execution counts become 1, 2, 3... in cell order rather than null: nbval refuses to
     compare a cell whose stored count is null, and sequential counts are the same on every
     run, so they add no noise to diffs.
     """
     count = 0
-    for cell in nb.cells:
+    for index, cell in enumerate(nb.cells):
+        cell.id = f"cell-{index:03d}"  # stable ids: jupytext draws random ones on every build
         cell.metadata = {k: v for k, v in cell.metadata.items() if k in KEEP_CELL_METADATA}
         if cell.cell_type == "code":
             count += 1
