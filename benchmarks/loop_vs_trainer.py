@@ -150,9 +150,17 @@ def compare(task: str = "sql", steps: int = 250, lr: float = 3e-3, batch_size: i
         "tolerance": TOLERANCE,
         "meta": {
             "command": "python benchmarks/loop_vs_trainer.py",
-            "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "r": 8, "lora_alpha": 16,
-            "target_modules": TARGETS, "eval_items": limit or 200, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
+            "steps": steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": TARGETS,
+            "eval_items": limit or 200,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
             "date": datetime.date.today().isoformat(),
         },  # fmt: skip
     }

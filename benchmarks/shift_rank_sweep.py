@@ -90,9 +90,15 @@ def main(argv: list[str] | None = None) -> None:
         "task": "shift",
         "runs": rows,
         "meta": {
-            "command": "python benchmarks/shift_rank_sweep.py", "steps": steps, "batch_size": 32,
-            "eval_items": limit or 200, "seed": 0, "threads": args.threads, "torch": torch.__version__,
-            "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+            "command": "python benchmarks/shift_rank_sweep.py",
+            "steps": steps,
+            "batch_size": 32,
+            "eval_items": limit or 200,
+            "seed": 0,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.date.today().isoformat(),
             "seconds": round(time.perf_counter() - start, 1),
         },  # fmt: skip
     }

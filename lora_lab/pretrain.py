@@ -481,7 +481,10 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
     shape_note = ""
     for r in metrics["finetune"]:
         if r["task"] == "sql" and "by_shape" in r:
-            parts = ", ".join(f"{k} {c}/{n}" for k, (c, n) in sorted(r["by_shape"].items(), key=lambda kv: kv[1][0] / kv[1][1]))
+            parts = ", ".join(
+                f"{k} {c}/{n}"
+                for k, (c, n) in sorted(r["by_shape"].items(), key=lambda kv: kv[1][0] / kv[1][1])
+            )
             shape_note += f"Where the {r['method']} fine-tune fails on `sql` (correct/total by request shape): {parts}.\n"
     if shape_note:
         shape_note = (

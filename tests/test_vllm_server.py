@@ -122,7 +122,12 @@ def test_base_and_adapters_are_served_by_model_name(setup):
     server = setup["server"]
     assert server.url.startswith("http://127.0.0.1:")
     assert set(server.models()) >= {"base", "support", "sql"}
-    outs = {m: server.complete(m, "Hello", max_tokens=8)["token_ids"] for m in ("base", "support", "sql")}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["model_dir"])
+    question = [{"role": "user", "content": "Hello, I am Ilse. How much is the clay pot?"}]
+    prompt = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    outs = {m: server.complete(m, prompt, max_tokens=8)["token_ids"] for m in ("base", "support", "sql")}
     assert all(len(ids) >= 1 for ids in outs.values())
     assert len({tuple(ids) for ids in outs.values()}) == 3  # each adapter changes the output its own way
 

@@ -373,8 +373,10 @@ duel = json.loads((RESULTS_DIR / "loop_vs_trainer.json").read_text())
 print(f"{duel['task']}, {duel['meta']['steps']} steps, "
       f"{duel['meta']['eval_items']} test items")
 for name, row in {**duel["trained"], **duel["cross_loaded"]}.items():
-    extra = (f"max |logit diff| {row['max_logit_diff']:.1e}"
-             if "max_logit_diff" in row else f"final loss {row['final_loss']:.3f}")
+    if "max_logit_diff" in row:
+        extra = f"max |logit diff| {row['max_logit_diff']:.1e}"
+    else:
+        extra = f"final loss {row['final_loss']:.3f}"
     print(f"{name:26} accuracy {row['accuracy']:.3f}   {extra}")
 trained, cross = duel["trained"], duel["cross_loaded"]
 assert duel["accuracy_gap"] <= duel["tolerance"] == 0.05

@@ -151,7 +151,8 @@ from lora_lab.paths import RESULTS_DIR
 
 sweep = json.loads((RESULTS_DIR / "shift_ranks.json").read_text())
 by_name = {r["name"]: r for r in sweep["runs"]}
-print(f"{sweep['meta']['steps']} steps each, {sweep['meta']['eval_items']} test items")
+meta = sweep["meta"]
+print(f"{meta['steps']} steps each, {meta['eval_items']} test items")
 print(f"{'run':24} {'trainable':>10} {'accuracy':>9} {'probes':>7} {'loss':>6}")
 for r in sweep["runs"]:
     print(f"{r['name']:24} {r['trainable_params']:>10,} {r['accuracy']:>9.3f}"
@@ -178,7 +179,8 @@ ranked = [by_name[f"r={r} all-linear"] for r in (1, 4, 16, 64)]
 assert all(r["accuracy"] < 0.05 for r in ranked)
 assert by_name["r=8 q,k,v,o"]["accuracy"] < 0.05
 probes = [r["probe_accuracy"] for r in ranked]
-assert all(a > b for a, b in zip(probes, probes[1:]))  # more rank, more forgotten
+# more rank, more facts forgotten
+assert all(a > b for a, b in zip(probes, probes[1:]))
 head = by_name["r=8 q,k,v,o + lm_head"]
 assert head["accuracy"] > 0.6 and head["probe_accuracy"] > 0.95
 assert head["trainable_params"] < ranked[-1]["trainable_params"] / 2
