@@ -498,8 +498,9 @@ assert tps_c[64] > 0.75 * tps_c[1]  # (c) nearly flat from 1 to 64
 assert all(s.split("/")[0] == s.split("/")[1] for s in same.values())
 
 # %% [markdown]
-# The batched server reaches about three quarters of the merged bound at 16 adapters, not
-# all of it: the two extra matmuls per layer are real work. That is the "small overhead"
+# The batched server reaches about two thirds of the merged bound at 16 adapters (the
+# ratio moves between about 0.6 and 0.75 from run to run on a shared CPU), not all of it:
+# the two extra matmuls per layer are real work. That is the "small overhead"
 # of dynamic linking, measured.
 
 # %%
