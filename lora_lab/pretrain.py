@@ -353,7 +353,7 @@ would be for a real base model: every token a `sql` or `support` answer uses is 
 was trained to predict (a test checks this too). `shift`'s made-up words are not, on purpose.
 
 ## Training
-`python -m lora_lab.pretrain`: {steps:,} steps of AdamW (batch {batch} x {seq} tokens, peak learning rate
+`python -m lora_lab.pretrain --threads {threads}`: {steps:,} steps of AdamW (batch {batch} x {seq} tokens, peak learning rate
 {peak_lr}, warm-up then cosine decay, weight decay 0.1, gradient clipping 1.0, seed 0), {tokens_seen:,}
 tokens seen, {minutes:.1f} minutes on {threads} CPU threads of a 2-core machine. Final loss: train
 {final_train_loss:.3f}, validation {final_val_loss:.3f} nats/token. The curve is in `loss_curve.png`
