@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import matplotlib
 import matplotlib.pyplot as plt
 import matplotlib.ticker
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 __all__ = [
@@ -117,6 +118,14 @@ def smooth(values: Sequence[float], window: int = 5) -> list[float]:
     return out
 
 
+def _figure_for(ax) -> tuple[Figure, Axes]:
+    """The figure `ax` belongs to, or a new one-panel figure when `ax` is None."""
+    if ax is None:
+        fig, (ax,) = new_figure()
+        return fig, ax
+    return ax.figure, ax
+
+
 def _style_axes(ax) -> None:
     # rc_context applies at creation time; set what the axes keep explicitly, so later drawing
     # outside the context (e.g. a widget redraw) keeps the style.
@@ -136,10 +145,7 @@ def plot_loss_curves(
     `highlight` draws that run (by position) thicker, the others thinner.
     """
     runs = list(runs)
-    if ax is None:
-        fig, (ax,) = new_figure()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_for(ax)
     with matplotlib.rc_context(BOOK_STYLE):
         _style_axes(ax)
         for i, run in enumerate(runs):
@@ -178,10 +184,7 @@ def plot_sweep(
     `highlight` (a run dict) is marked with a ring, so a widget can show which point is selected.
     """
     runs = [r for r in runs if r.get(y) is not None]
-    if ax is None:
-        fig, (ax,) = new_figure()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_for(ax)
     groups: dict = {}
     for run in runs:
         names = run.get(group, "")
@@ -223,10 +226,7 @@ def plot_bars(
     """A plain bar chart with the value printed on each bar (for small side-by-side comparisons)."""
     if len(labels) != len(values):
         raise ValueError(f"got {len(labels)} labels for {len(values)} values; pass one label per value")
-    if ax is None:
-        fig, (ax,) = new_figure()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_for(ax)
     with matplotlib.rc_context(BOOK_STYLE):
         _style_axes(ax)
         bars = ax.bar(range(len(values)), values, color=[COLORS[i % len(COLORS)] for i in range(len(values))])
@@ -250,10 +250,7 @@ def plot_rank_scaling(experiment: dict, key: str = "update_norm_early", ax=None)
     `experiment` is `results["experiments"]["rank_scaling"]` of the sweep; `key` one of its measures
     (`update_norm_early`, `direction_norm_early`, `update_norm_end`, `direction_norm_end`).
     """
-    if ax is None:
-        fig, (ax,) = new_figure()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_for(ax)
     rows = experiment["rows"]
     with matplotlib.rc_context(BOOK_STYLE):
         _style_axes(ax)
