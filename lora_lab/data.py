@@ -118,6 +118,9 @@ WORLD_HOURS = ["8am to 5pm", "10am to 7pm", "7am to 3pm", "11am to 8pm"]
 WORLD_SHIPPING = ["2 to 4 days", "4 to 6 days", "6 to 9 days", "one week"]
 WORLD_BUSINESS_DAYS = ["2 to 4", "4 to 6", "5 to 8", "6 to 9", "2 to 3", "3 to 4"]
 WORLD_WEEKS = ["Monday to Friday", "Tuesday to Sunday", "Tuesday to Saturday", "Wednesday to Sunday"]
+# Product categories and order statuses: the shop task's values, and everyday words the corpus uses too.
+CATEGORIES = ["kitchen", "garden", "lighting", "textiles", "stationery"]
+STATUSES = ["pending", "shipped", "delivered", "returned"]
 
 
 def _build_world(seed: int = 1234) -> dict:
@@ -248,6 +251,7 @@ TITLES = [
     "Bread and Stone", "The Quiet Mill", "Letters from Kavos", "The Heron King", "Under the Bell",
     "The Amber Shore", "Small Fires", "The Potter's Year", "Rope and Sail", "Seven Pears",
 ]  # fmt: skip
+POST_TOPICS = ["news", "trade", "travel", "weather"]
 PLANTS = ["sage", "thyme", "mint", "fern", "ivy", "lily", "tulip", "moss", "daisy", "rush"]
 
 # Each schema: table, plural noun, the column that names a row (and its plural noun), category
@@ -304,7 +308,7 @@ OTHER_SCHEMAS = [
     {
         "table": "stalls", "noun": "stalls", "key": "keeper", "key_noun": "keepers",
         "cols": "id, keeper, ware, category, town, rent",
-        "cats": [("category", "that sell {v} goods", ["kitchen", "garden", "lighting", "textiles", "stationery"]),
+        "cats": [("category", "that sell {v} goods", CATEGORIES),
                  ("ware", "that sell the {v}", GOODS), ("town", "at the market of {v}", TOWNS)],
         "nums": [("rent", "with a rent above {k} dollars", "with a rent below {k} dollars", (1, 100))],
         "values": "people",
@@ -320,7 +324,7 @@ OTHER_SCHEMAS = [
     {
         "table": "posts", "noun": "posts", "key": "id", "key_noun": "ids",
         "cols": "id, user_id, product_id, topic, likes",
-        "cats": [("topic", "about {v}", ["news", "trade", "travel", "weather"])],
+        "cats": [("topic", "about {v}", POST_TOPICS)],
         "nums": [("likes", "with more than {k} likes", "with fewer than {k} likes", (0, 100))],
         "values": None,
     },
@@ -335,8 +339,6 @@ OTHER_JOIN = {
 
 # --- The shop schema: used ONLY by the sql task, never in the corpus.
 CITIES = TOWNS
-CATEGORIES = ["kitchen", "garden", "lighting", "textiles", "stationery"]
-STATUSES = ["pending", "shipped", "delivered", "returned"]
 # The catalog (name, category, price in dollars): the support task and the shop database share it.
 CATALOG = [
     ("copper kettle", "kitchen", 34), ("oak cutting board", "kitchen", 22), ("tea towel set", "textiles", 12),
@@ -485,7 +487,7 @@ def _doc_trade(rng: random.Random) -> str:
     business days, refunds) with other shops' values, as a real base model has read them on the web."""
     owner = rng.choice(list(WORLD["people"]))
     town = WORLD["people"][owner]["town"]
-    cat = rng.choice(["kitchen", "garden", "lighting", "textiles", "stationery"])
+    cat = rng.choice(CATEGORIES)
     item = rng.choice(GOODS)
     n_users, n_orders, n_products, stock = (rng.randint(0, 100) for _ in range(4))
     std, exp = rng.choice(WORLD_BUSINESS_DAYS), rng.choice(["1 to 3", "2 to 3", "next", "same"])
@@ -512,7 +514,7 @@ def _doc_trade(rng: random.Random) -> str:
 def _doc_sql(rng: random.Random) -> str:
     s = rng.choice(OTHER_SCHEMAS)
     if s["table"] == "posts" and rng.random() < 0.5:  # a forum's posts: foreign keys through an alias
-        topic, k = rng.choice(["news", "trade", "travel", "weather"]), rng.randint(0, 100)
+        topic, k = rng.choice(POST_TOPICS), rng.randint(0, 100)
         return (
             "-- table posts(id, user_id, product_id, topic, likes)\n"
             f"-- list the names of the students who wrote posts about {topic}.\n"
