@@ -54,21 +54,29 @@ def test_tasks_are_not_in_the_corpus():
         assert fact not in corpus, f"the shop's policy {fact!r} leaks into the corpus"
 
 
+@pytest.fixture(scope="module")
+def corpus_tokens():
+    """(bundled tokenizer, how often each token id occurs in the training corpus): counted once."""
+    from collections import Counter
+
+    from lora_lab.models import load_base
+
+    _, tok = load_base(device="cpu")
+    seen = Counter()
+    for ids in tok(data.load_corpus("train"), add_special_tokens=False)["input_ids"]:
+        seen.update(ids)
+    return tok, seen
+
+
 @pytest.mark.parametrize("task", ["sql", "support"])
-def test_corpus_teaches_every_token_the_sql_and_support_answers_use(task):
+def test_corpus_teaches_every_token_the_sql_and_support_answers_use(task, corpus_tokens):
     """A token the base model never had to predict keeps its random output row, and LoRA on the
     attention layers cannot make the model emit it: the first bundled model failed its LoRA floors
     for this reason ("users" was cut into pieces the corpus never used). `shift` is exempt on
     purpose: its made-up words are the point of the limits chapter."""
-    from collections import Counter
-
-    from lora_lab.models import load_base
     from lora_lab.train import encode_example
 
-    _, tok = load_base(device="cpu")
-    seen = Counter()
-    for text in data.load_corpus("train"):
-        seen.update(tok(text, add_special_tokens=False)["input_ids"])
+    tok, seen = corpus_tokens
     answer = set()
     for e in data.load_task(task, "train"):
         answer.update(t for t in encode_example(tok, e, 96)[1] if t != -100)
