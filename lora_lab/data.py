@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sqlite3
 from pathlib import Path
 
@@ -51,6 +52,7 @@ __all__ = [
     "load_probes",
     "shop_database",
     "generate_all",
+    "sql_shape",
     "CHAT_TEMPLATE",
 ]
 
@@ -662,22 +664,71 @@ def shop_database(path: str | Path | None = None) -> sqlite3.Connection:
     return conn
 
 
+# Request shapes of the sql task, told apart by the reference query; the first pattern that matches wins.
+SQL_SHAPES = [
+    ("join", r" JOIN "), ("group", r"GROUP BY"), ("top", r"ORDER BY"), ("agg", r"\b(AVG|MAX|MIN|SUM)\("),
+    ("count", r"COUNT\("), ("and", r" AND "), ("num", r"[<>] \d"),
+]  # fmt: skip
+
+
+def sql_shape(sql: str) -> str:
+    """The request shape of a reference query: join, group, top, agg, count, and, num or select."""
+    return next((shape for shape, pattern in SQL_SHAPES if re.search(pattern, sql)), "select")
+
+
+# The share of each shape's distinct queries held out for the test and validation splits. Some shapes
+# have few distinct queries (3 GROUP BY queries, 17 plain selects over the shop), so the held-out share
+# is set per shape: train keeps most of every shape, and test still meets each shape with new values.
+SQL_HOLDOUT = {"test": 0.25, "validation": 0.15}
+SQL_POOL_DRAWS = 40_000
+
+
 def _gen_sql_task(seed: int, sizes: dict[str, int], db: sqlite3.Connection) -> dict[str, list[dict]]:
+    """The sql task's splits, with no query in two splits and every request shape in every split.
+
+    1. Draw the generator many times and keep each distinct query whose answer is not empty (an empty
+       answer tells a right query from a wrong one poorly), grouped by shape.
+    2. Deal each shape's queries out: a quarter to test, 15% to validation (at least one each when the
+       shape has three or more), the rest to train.
+    3. Fill each split in the generator's own mix of shapes, drawing only that split's queries.
+       Test and validation hold each query once; train may repeat a query with other wording (as in
+       "List the names..." and "Show the names..."), up to the split's size.
+
+    An earlier version filled test first and train from what was left: the shapes with few distinct
+    queries (selects, counts, top-n, joins, GROUP BY) were used up by test and validation, the train
+    split had 0 selects and 1 top-n query, and no fine-tune could learn them.
+    """
     rng = random.Random(seed)
     customers = _customers()
+    by_shape: dict[str, list[str]] = {}  # shape -> distinct queries, in the order first drawn
     seen: set[str] = set()
+    for _ in range(SQL_POOL_DRAWS):
+        _, sql = _sql_query(SHOP_SCHEMAS, SHOP_JOIN, rng, customers)
+        if sql in seen:
+            continue
+        seen.add(sql)
+        rows = db.execute(sql).fetchall()
+        if rows and rows != [(0,)] and rows != [(None,)]:
+            by_shape.setdefault(sql_shape(sql), []).append(sql)
+    split_of: dict[str, str] = {}
+    for shape in sorted(by_shape):
+        queries = by_shape[shape]
+        rng.shuffle(queries)
+        n = len(queries)
+        held = {s: max(1, round(n * f)) if n >= 3 else 0 for s, f in SQL_HOLDOUT.items()}
+        cut_val = held["test"] + held["validation"]
+        for i, sql in enumerate(queries):
+            split_of[sql] = "test" if i < held["test"] else "validation" if i < cut_val else "train"
     out: dict[str, list[dict]] = {}
-    # Test first, so the test set always gets its full size of distinct queries; train never repeats them.
     for split in ("test", "validation", "train"):
         items: list[dict] = []
+        used: set[str] = set()  # queries (test, validation) or (request, query) pairs (train) taken
         while len(items) < sizes[split]:
             req, sql = _sql_query(SHOP_SCHEMAS, SHOP_JOIN, rng, customers)
-            if sql in seen:
+            key = req + sql if split == "train" else sql
+            if split_of.get(sql) != split or key in used:
                 continue
-            rows = db.execute(sql).fetchall()
-            if not rows or rows == [(0,)] or rows == [(None,)]:
-                continue  # a request whose answer is empty tells a right query from a wrong one poorly
-            seen.add(sql)
+            used.add(key)
             items.append(
                 {
                     "messages": [{"role": "user", "content": req}, {"role": "assistant", "content": sql}],

@@ -90,6 +90,38 @@ def test_sql_references_run_and_return_rows():
         assert db.execute(e["sql"]).fetchall(), e["sql"]
 
 
+def test_sql_train_split_teaches_every_shape_the_test_split_asks_for():
+    """Every request shape of the test split is in train, with several distinct queries where the
+    shop has them. The first sql splits filled test first: train had 0 plain selects, 0 counts and
+    1 top-n query, and no fine-tune could reach the accuracy floor."""
+    from collections import Counter
+
+    shapes = {s: Counter(data.sql_shape(e["sql"]) for e in data.load_task("sql", s)) for s in data.SPLITS}
+    assert set(shapes["test"]) == set(shapes["train"]) == set(shapes["validation"])
+    assert set(shapes["test"]) == {"select", "count", "num", "agg", "top", "and", "join", "group"}
+    distinct = Counter(data.sql_shape(q) for q in {e["sql"] for e in data.load_task("sql", "train")})
+    for shape in shapes["test"]:
+        if shape != "group":  # the shop has only three GROUP BY queries: one per split
+            assert distinct[shape] >= 10, f"train has only {distinct[shape]} distinct {shape} queries"
+
+
+@pytest.mark.parametrize(
+    ("sql", "shape"),
+    [
+        ("SELECT name FROM users WHERE city = 'Tarn';", "select"),
+        ("SELECT COUNT(*) FROM orders WHERE status = 'shipped';", "count"),
+        ("SELECT name FROM users WHERE age > 40;", "num"),
+        ("SELECT name FROM users WHERE city = 'Tarn' AND age < 30;", "and"),
+        ("SELECT AVG(price) FROM products WHERE category = 'garden';", "agg"),
+        ("SELECT name FROM products ORDER BY price ASC LIMIT 3;", "top"),
+        ("SELECT category, COUNT(*) FROM products GROUP BY category;", "group"),
+        ("SELECT a.name FROM orders l JOIN users a ON l.user_id = a.id WHERE a.age > 3;", "join"),
+    ],
+)
+def test_sql_shape_names_each_request_shape(sql, shape):
+    assert data.sql_shape(sql) == shape
+
+
 def test_probes_state_facts_of_the_corpus():
     probes = data.load_probes("test")
     assert len(probes) >= 100
