@@ -360,7 +360,9 @@ class AdapterRegistry:
                 layer.clear()
             return
         weights = self._on_device.get(self.active_adapter) or self.fetch(self.active_adapter)
-        scaling = self._host[self.active_adapter].scaling
+        adapter = self._host[self.active_adapter]
+        # one [1] tensor for all layers (fp32, as the weights): a switch copies one number to the device
+        scaling = torch.tensor([adapter.scaling], dtype=torch.float32, device=self.device)
         for layer_name, layer in self._wrapped():
             if layer_name in weights:
                 weight_A, weight_B = weights[layer_name]

@@ -87,12 +87,20 @@ class MultiLoRALinear(nn.Module):
         self.rows_A: torch.Tensor | None = None  # [batch, in, r]: each row's A, transposed for bmm
         self.rows_B: torch.Tensor | None = None  # [batch, r, out]: each row's B * scaling, transposed
 
-    def set_single(self, weight_A: torch.Tensor, weight_B: torch.Tensor, scaling: float) -> None:
-        """One adapter for every row: A [r, in], B [out, r]."""
+    def set_single(
+        self, weight_A: torch.Tensor, weight_B: torch.Tensor, scaling: float | torch.Tensor
+    ) -> None:
+        """One adapter for every row: A [r, in], B [out, r], scaling a float or a [1] tensor on their device.
+
+        `AdapterRegistry` passes one [1] tensor to all its layers: a switch then copies one number to
+        a GPU, not one per layer (each copy from the host waits for the GPU).
+        """
         self.clear()
         self.lora_A_stack = weight_A[None]  # [1, r, in]
         self.lora_B_stack = weight_B[None]  # [1, out, r]
-        self.scaling = torch.tensor([scaling], dtype=weight_A.dtype, device=weight_A.device)
+        if not isinstance(scaling, torch.Tensor):
+            scaling = torch.tensor([scaling], dtype=weight_A.dtype, device=weight_A.device)
+        self.scaling = scaling  # [1]
 
     def set_stacked(
         self, stack_A: torch.Tensor, stack_B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor

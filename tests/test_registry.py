@@ -72,6 +72,17 @@ def test_set_adapter_matches_peft_for_every_adapter(adapter_dirs):
     torch.testing.assert_close(_logits(registry.model, ids), base, atol=0, rtol=0)
 
 
+def test_set_adapter_copies_one_scaling_to_the_device(adapter_dirs):
+    """All patched layers share one [1] scaling tensor: a switch copies one number to a GPU, not one per layer."""
+    registry = AdapterRegistry(build_tiny("llama"))
+    registry.load("b", adapter_dirs["b"])
+    registry.set_adapter("b")
+    layers = [m for m in registry.model.modules() if isinstance(m, MultiLoRALinear) and m.scaling is not None]
+    assert len(layers) > 1
+    assert all(m.scaling is layers[0].scaling for m in layers)
+    assert layers[0].scaling.tolist() == [registry.adapter("b").scaling]
+
+
 def test_names_delete_and_model_restored(adapter_dirs):
     model = build_tiny("llama")
     keys = set(model.state_dict())
