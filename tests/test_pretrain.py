@@ -57,6 +57,19 @@ def test_model_card_reports_the_floors():
     assert m["zero_shot"]["sql"] <= 0.2 and m["zero_shot"]["support"] <= 0.2
 
 
+def test_shape_verdict_separates_shared_misses_from_lora_only_misses():
+    def run(method, by_shape):
+        return {"task": "sql", "method": method, "by_shape": by_shape}
+
+    metrics = {"finetune": [run("lora", {"join": [9, 15], "num": [72, 90], "agg": [26, 26]}),
+                            run("full", {"join": [9, 15], "num": [90, 90], "agg": [26, 26]})]}  # fmt: skip
+    text = pretrain._shape_verdict(metrics)
+    assert "Both fine-tunes miss some `join` requests" in text
+    assert "Only LoRA misses `num` requests" in text
+    assert "agg" not in text
+    assert pretrain._shape_verdict({"finetune": metrics["finetune"][:1]}) == ""
+
+
 def test_lr_schedule_warms_up_then_decays():
     lrs = [pretrain._lr_at(s, 1000, 1.0, 100) for s in range(1000)]
     assert lrs[0] < lrs[50] < lrs[99] == 1.0
