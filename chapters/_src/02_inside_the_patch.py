@@ -321,7 +321,7 @@ print(f"{run['trainable_params']:,} trainable, loss "
 def energy_curve(delta):
     """Cumulative share of ||delta||^2 held by the top-k directions."""
     s2 = torch.linalg.svdvals(delta.double()) ** 2
-    return (s2.cumsum(0) / s2.sum()).float()
+    return (s2.cumsum(0) / s2.sum()).float().cpu()  # on the CPU, for plotting
 
 
 params = dict(model.named_parameters())

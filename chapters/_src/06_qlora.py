@@ -801,6 +801,15 @@ print("PEFT's merge == nf4.requantize_merge: identical bytes")
 # %% [markdown]
 # Now the three cases side by side, on the lora_lab QLoRA model we trained: the largest
 # logit difference from the unmerged model on 16 test prompts, and the model's size.
+#
+# Case 1 is exact up to float rounding, and how much rounding there is depends on the
+# compute dtype the unmerged 4-bit model runs in (`DTYPE`). In fp32, on a CPU, the logits
+# agree to far better than $10^{-3}$. In bf16, on a GPU, every 4-bit layer rounds its
+# input and weight to 8 significant bits before the matmul, so a logit of size $L$ can
+# move by about $\epsilon L$, where $\epsilon = 2^{-7}$ is bf16's spacing ($2^{-10}$ for
+# fp16). The logits here reach about 35, and on an H100 the gap is about 0.1. So the check
+# allows $10^{-3}$ or $2 \epsilon L_{max}$, whichever is larger, and asks case 3 to move
+# the logits by more than that.
 
 # %%
 prompts = [ex["messages"][:-1] for ex in data.load_task(TASK, "test")[:16]]
@@ -830,8 +839,10 @@ top1 = {k: (logits(m).argmax(-1) == reference.argmax(-1)).float().mean().item()
 print(f"{'case':18} {'max logit diff':>15} {'same top-1':>11} {'MB':>7}")
 for k in cases:
     print(f"{k:18} {diff[k]:>15.1e} {top1[k]:>11.3f} {size[k] / 1e6:>7.2f}")
-assert diff["1 full precision"] < 1e-3
-assert diff["3 re-quantized"] > 100 * diff["1 full precision"]
+eps = torch.finfo(DTYPE).eps  # fp32 2**-23, bf16 2**-7, fp16 2**-10
+rounding = max(1e-3, 2 * eps * reference.abs().max().item())
+assert diff["1 full precision"] < rounding  # exact up to float rounding
+assert diff["3 re-quantized"] > rounding  # more than rounding can explain
 
 # %% [markdown]
 # (claim-dequant-merge-memory)=
@@ -873,7 +884,7 @@ def forward_seconds(m, repeats=5):
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        logits(m)
+        float(logits(m)[0, 0, 0])  # a GPU works async: wait for the result
         best = min(best, time.perf_counter() - start)
     return best
 
