@@ -123,6 +123,7 @@ examples = data.load_task(TASK, "train")
 pad = tok.pad_token_id
 batch = train.collate(
     [train.encode_example(tok, ex, 96) for ex in examples[:BATCH]], pad)
+batch = {k: v.to(base.device) for k, v in batch.items()}  # where the model is
 
 
 def step_bytes(model, lr):
@@ -190,6 +191,11 @@ assert opt_ratio >= 10  # "tens of times"
 # methods take turns, step by step, and we take the median of the paired ratios. (Timings
 # vary from run to run, so this cell's output is not compared; the verdict is printed
 # below it.)
+#
+# On a GPU, a model this small does not keep the GPU busy: a step costs kernel launches
+# and Python, not arithmetic, and LoRA's extra small matmuls add launches. There LoRA is
+# not faster (0.85x on an H100); the saving shows once the matmuls are large. So the
+# verdict below is checked on a CPU only.
 
 # %% tags=["nbval-ignore-output"]
 timers = {}
@@ -215,7 +221,8 @@ print({m: f"{1000 * s:.1f} ms/step" for m, s in per_step.items()},
 
 # %%
 print("LoRA step faster than a full fine-tuning step:", speedup > 1)
-assert speedup > 1
+if base.device.type == "cpu":  # on a GPU this tiny model is launch-bound
+    assert speedup > 1
 
 # %% [markdown]
 # ## Train both, then score them
@@ -337,10 +344,10 @@ row(f"probe accuracy (base {sweep['base_probe_accuracy']:.2f}, cached)",
 # catastrophic forgetting), and LoRA is widely said to forget less: Biderman et al. found
 # that it "learns less and forgets less" {cite}`biderman2024lora`. Our cached run checks both
 # halves. The first holds: in the same budget, full fine-tuning learned more of the task.
-# The second cannot show on this task: neither run lost a single one of the 144 probes the
-# base model answered. Writing SQL for a shop does not pull the model away from its facts
-# about towns and people. Forgetting needs a task that does: on the made-up language of
-# chapter 09, full fine-tuning loses far more facts than LoRA.
+# The second does not show on this task: full fine-tuning kept all of the 144 probes the
+# base model answered, and LoRA lost one. Writing SQL for a shop does not pull the model
+# away from its facts about towns and people. Forgetting needs a task that does: on the
+# made-up language of chapter 09, full fine-tuning loses far more facts than LoRA.
 
 # %%
 n_probes = len(data.load_probes("test"))
@@ -352,7 +359,7 @@ print("full fine-tuning learned more of the task than LoRA:",
       cached["full"]["accuracy"] > cached["lora"]["accuracy"])
 print("full fine-tuning forgot more than LoRA:", lost["full"] > lost["lora"])
 assert cached["full"]["accuracy"] > cached["lora"]["accuracy"]
-assert lost["full"] == lost["lora"] == 0  # nothing to tell apart on sql
+assert lost["full"] == 0 and lost["lora"] <= 1  # next to nothing to tell apart on sql
 
 # %% [markdown]
 # ## The same arithmetic at 7B and 175B
@@ -473,6 +480,11 @@ ratio_7b = est["full"]["optimizer"] / est["lora"]["optimizer"]
 print(f"optimizer state: {ratio_7b:,.0f}x smaller")
 assert ratio_7b >= 10 and est["lora"]["total"] < est["full"]["total"] / 5
 
+# %% tags=["hide-cell"]
+# The table below quotes the cached run: check the figures it gives.
+assert [round(cached[m]["accuracy"], 2) for m in ("full", "lora")] == [0.97, 0.84]
+assert (lost["full"], lost["lora"]) == (0, 1)
+
 # %% [markdown]
 # At this scale "tens of times" undersells it: with r=8 on `q_proj`,`v_proj` the optimizer
 # state is 1,607 times smaller, and the whole training state drops from about 108 GB to
@@ -486,9 +498,9 @@ assert ratio_7b >= 10 and est["lora"]["total"] < est["full"]["total"] / 5
 # | trainable parameters | all: 2.6 M here, 6.7 B for Llama-2-7B | 2% here; 0.06% (r=8, q,v) to 0.59% (r=16, all 7) at 7B; "<0.1%" only for small configs |
 # | memory | weights + gradients + 2 Adam moments for every weight | optimizer state tens (here) to a thousand (7B) times smaller; activations about the same |
 # | storage per task | a full copy: 10 MB here, about 350 GB for GPT-3 in fp16 | an adapter: about 200 KB here, 17 MB (r=8 q,v, fp32) to 160 MB (r=16 all 7, fp32) at 7B |
-# | time per step | baseline | faster (measured above), but not by the parameter ratio |
-# | task learned in a fixed budget | more: 0.53 accuracy (cached run) | less: 0.17 |
-# | forgetting | 11 of 144 probes lost | 13 of 144 lost: not less here |
+# | time per step | baseline | faster on a CPU (measured above), but not by the parameter ratio; not on a GPU at this size |
+# | task learned in a fixed budget | more: 0.97 accuracy (cached run) | less: 0.84 |
+# | forgetting | none of 144 probes lost | 1 of 144 lost: not less here |
 # | inference latency | baseline | the same once merged; unmerged costs a little (chapter 07) |
 #
 # ## Summary
@@ -498,9 +510,9 @@ assert ratio_7b >= 10 and est["lora"]["total"] < est["full"]["total"] / 5
 # - What LoRA shrinks is everything proportional to the *trainable* count: gradients,
 #   optimizer state (exactly the parameter ratio) and the checkpoint. It does not shrink
 #   the frozen weights or the activations.
-# - On the bundled model LoRA stepped faster, but in the same budget it learned less of the
-#   task than full fine-tuning, and it did not forget less: both lost a few knowledge
-#   probes, LoRA slightly more. "LoRA forgets less" is not a law; measure it.
+# - On the bundled model LoRA stepped faster on a CPU, but in the same budget it learned
+#   less of the task than full fine-tuning, and it did not forget less: full fine-tuning
+#   kept every knowledge probe, LoRA lost one. "LoRA forgets less" is not a law; measure it.
 # - The sources' numbers hold with conditions: 350 GB for a GPT-3 copy is right; "<0.1%"
 #   and "about 20 MB" describe small attention-only configurations, not every LoRA.
 #

@@ -249,16 +249,16 @@ fig
 # 2. **The FFN adds capacity.** Its three layers are wider, so the same rank trains more
 #    numbers there, and patching every linear layer (attention + FFN) learns the task
 #    clearly better than attention alone.
-# 3. **Embeddings and the head bloat the file.** Adding them adds few trainable numbers but,
-#    saved the default way, multiplies the adapter file several times (measured live above,
-#    no training needed). On this task they bought no accuracy over all-linear, and the
-#    patched vocabulary layers cost the most general knowledge: the lowest probe accuracy
-#    of any placement, the only one that forgot facts at all.
+# 3. **Embeddings and the head bloat the file, and cost knowledge.** Adding them adds few
+#    trainable numbers but, saved the default way, multiplies the adapter file several times
+#    (measured live above, no training needed). On this task they bought a few points of
+#    accuracy over all-linear, and paid for them in general knowledge: the lowest probe
+#    accuracy of any placement, by far. The other placements lost one fact of 144 or none.
 #
-# And the best patches are as good as recompiling: all-linear LoRA lands within a few of
-# the 200 questions of full fine-tuning, training under a twentieth of its numbers. q,v
-# alone stays well below. Chapter 04 shows what rank and scale change, and chapter 09 where
-# a small patch stops being enough.
+# And the best patches come close to recompiling: all-linear LoRA lands within 6 points
+# (11 of the 200 questions) of full fine-tuning, training under a twentieth of its numbers.
+# q,v alone stays well below. Chapter 04 shows what rank and scale change, and chapter 09
+# where a small patch stops being enough.
 
 # %%
 acc = {p: row["accuracy"] for p, row in rows.items()}
@@ -272,13 +272,17 @@ checks = {
         live_sizes["all-linear+embed+head"][1] > 5 * size["all-linear"],
     "embed+head adds < 50% trainable":
         live_sizes["all-linear+embed+head"][0] < 1.5 * n["all-linear"],
-    "embed+head adds no accuracy over all-linear":
-        acc["all-linear+embed+head"] <= acc["all-linear"],
-    "embed+head forgets more probes than all-linear":
+    "embed+head beats all-linear by < 0.1":
+        0 < acc["all-linear+embed+head"] - acc["all-linear"] < 0.1,
+    "embed+head forgets the most (probes)":
         rows["all-linear+embed+head"]["probe_accuracy"]
-        < rows["all-linear"]["probe_accuracy"],
-    "all-linear within 0.05 of full fine-tuning":
-        abs(acc["all-linear"] - full["accuracy"]) <= 0.05,
+        < min(r["probe_accuracy"] for p, r in rows.items()
+              if p != "all-linear+embed+head") - 0.05,
+    "others lose at most 1 of 144 probes":
+        min(r["probe_accuracy"] for p, r in rows.items()
+            if p != "all-linear+embed+head") >= 1 - 1.5 / 144,
+    "all-linear within 0.06 of full fine-tuning":
+        abs(acc["all-linear"] - full["accuracy"]) <= 0.06,
     "q,v more than 0.1 below full fine-tuning":
         acc["q,v"] < full["accuracy"] - 0.1,
     "all-linear trains < 5% of full's numbers":

@@ -116,17 +116,22 @@ for r in ranks:
 
 # %% [markdown]
 # Accuracy on 100 validation questions is a noisier signal than the loss: one question is
-# one point. It rises from about a quarter at r=1 with alpha=1 to about two thirds, and past
-# r=4 the rules and ranks sit within a few questions of each other. At learning rate 3e-3
-# the weakest run is the smallest update (r=1, scaling 1); the best ones have r of 32 or
-# more:
+# one point. It rises from under a third at r=1 with alpha=1 to three quarters at best.
+# Scaling 1 (alpha = r) is the weak setting at every rank up to 8, about half the questions
+# right. With a scaling of 2 or more, every rank from 4 up lands between 60% and 75%, with
+# no clear winner among them:
 
 # %%
 at_3e3 = [x for x in grid if x["lr"] == 3e-3]
 best = max(at_3e3, key=lambda x: (x["accuracy"], -x["final_loss"]))
 worst = min(at_3e3, key=lambda x: (x["accuracy"], -x["final_loss"]))
 assert (worst["r"], worst["lora_alpha"]) == (1, 1)
-assert best["r"] >= 32 and best["accuracy"] - worst["accuracy"] > 0.3
+assert best["accuracy"] - worst["accuracy"] > 0.3
+scaled = [x["accuracy"] for x in at_3e3 if x["r"] >= 4
+          and (x["use_rslora"] or x["lora_alpha"] >= 2 * x["r"])]  # scaling >= 2
+weak = [x["accuracy"] for x in at_3e3 if x["r"] <= 8
+        and x["lora_alpha"] == x["r"]]  # scaling 1
+assert 0.6 <= min(scaled) and max(scaled) <= 0.75 and max(weak) < min(scaled)
 for name, x in (("best", best), ("worst", worst)):
     print(f"{name}: r={x['r']} alpha={x['lora_alpha']}"
           f" accuracy {x['accuracy']:.0%}, final loss {x['final_loss']:.3f}")
@@ -188,7 +193,8 @@ print(f"r=64, alpha=16: final loss {plain[-1]['final_loss']:.3f} (alpha/r),"
 # %% [markdown]
 # The other side of the coin: rsLoRA's larger updates at high rank need a smaller learning
 # rate. The sweep also ran r=4 and r=32 at alpha = 16 with learning rates 1e-3 and 1e-2.
-# At 1e-2, rsLoRA at r=32 (scaling 16/sqrt(32), about 2.8) diverges while alpha/r at r=32
+# At 1e-2, rsLoRA at r=32 (scaling 16/sqrt(32), about 2.8) is knocked off course: it ends
+# at several times the loss and answers almost nothing right, while alpha/r at r=32
 # (scaling 0.5) trains fine.
 
 # %%
@@ -199,8 +205,9 @@ for x in sorted((x for x in grid if x["lr"] != 3e-3 or x["r"] in (4, 32)
     rule = "rsLoRA" if x["use_rslora"] else "alpha/r"
     print(f"{x['r']:>3} {rule:>7} {x['lr']:>6g} {x['final_loss']:>11.3f}"
           f" {x['accuracy']:>9.0%}")
-assert run(32, 16, True, lr=1e-2)["final_loss"] > 1.0
-assert run(32, 16, False, lr=1e-2)["final_loss"] < 0.2
+hot_rs, hot_plain = run(32, 16, True, lr=1e-2), run(32, 16, False, lr=1e-2)
+assert hot_rs["final_loss"] > 3 * hot_plain["final_loss"] and hot_rs["accuracy"] < 0.1
+assert hot_plain["final_loss"] < 0.2 and hot_plain["accuracy"] > 0.6
 
 # %% [markdown]
 # (claim-alpha-lr)=
@@ -222,11 +229,9 @@ assert run(32, 16, False, lr=1e-2)["final_loss"] < 0.2
 # %%
 avl = sweep["experiments"]["alpha_vs_lr"]["optimizers"]
 adam, sgd = avl["adamw"]["variants"], avl["sgd"]["variants"]
-assert adam["alpha x2"]["norm_ratio_step1"] == 2.0
-assert adam["lr x2"]["norm_ratio_step1"] == 2.0
-assert sgd["alpha x2"]["norm_ratio_step1"] == 4.0
-assert sgd["lr x4"]["norm_ratio_step1"] == 4.0
-assert sgd["lr x2"]["norm_ratio_step1"] == 2.0
+for ratios, name, factor in ((adam, "alpha x2", 2), (adam, "lr x2", 2), (sgd, "alpha x2", 4),
+                              (sgd, "lr x4", 4), (sgd, "lr x2", 2)):
+    assert abs(ratios[name]["norm_ratio_step1"] - factor) < 1e-3, name
 gap = abs(adam["alpha x2"]["norm_ratio_early"]
           - adam["lr x2"]["norm_ratio_early"])
 assert gap > 0.1
@@ -337,8 +342,8 @@ for x in live_runs:
 # ```{admonition} Solution 1
 # :class: dropdown
 # Without rsLoRA, r=32 at alpha=16 has scaling 0.5 and ends at about the same loss as
-# r=4 (1.404 vs 1.412): the extra rank is wasted. With rsLoRA r=32 keeps a scaling of
-# about 2.8 and ends lower (1.271). Choose a larger r only with alpha scaled with it
+# r=4 (0.147 vs 0.154): the extra rank is wasted. With rsLoRA r=32 keeps a scaling of
+# about 2.8 and ends lower (0.123). Choose a larger r only with alpha scaled with it
 # (alpha = 2r) or with rsLoRA.
 # ```
 #
@@ -346,5 +351,12 @@ for x in live_runs:
 # :class: dropdown
 # lr x4: the update is scaling squared times lr at the first step (4.0x in the cached
 # table). Later the gradient itself depends on how far `A` and `B` have moved, which
-# differs between the two runs, so the ratio drifts (2.97x vs 3.17x after 10 steps).
+# differs between the two runs, so the ratio drifts (4.03x vs 4.46x after 10 steps).
 # ```
+
+# %% tags=["hide-cell"]
+# The solutions quote the cached sweep: check the numbers they give.
+assert [round(run(r, 16)["final_loss"], 3) for r in (32, 4)] == [0.147, 0.154]
+assert round(run(32, 16, True)["final_loss"], 3) == 0.123
+assert round(sgd["alpha x2"]["norm_ratio_step1"], 1) == round(sgd["lr x4"]["norm_ratio_step1"], 1) == 4.0
+assert [round(sgd[k]["norm_ratio_early"], 2) for k in ("alpha x2", "lr x4")] == [4.03, 4.46]
