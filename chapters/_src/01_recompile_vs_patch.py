@@ -194,7 +194,7 @@ assert opt_ratio >= 10  # "tens of times"
 #
 # On a GPU, a model this small does not keep the GPU busy: a step costs kernel launches
 # and Python, not arithmetic, and LoRA's extra small matmuls add launches. There LoRA is
-# not faster (0.85x on an H100); the saving shows once the matmuls are large. So the
+# not faster (0.85x to 0.87x on an H100); the saving shows once the matmuls are large. So the
 # verdict below is checked on a CPU only.
 
 # %% tags=["nbval-ignore-output"]
