@@ -361,7 +361,8 @@ class AdapterRegistry:
             return
         weights = self._on_device.get(self.active_adapter) or self.fetch(self.active_adapter)
         adapter = self._host[self.active_adapter]
-        # one [1] tensor for all layers (fp32, as the weights): a switch copies one number to the device
+        # one [1] fp32 tensor for all layers (layers multiply by its element, keeping their own dtype):
+        # a switch copies one number to the device, not one per layer
         scaling = torch.tensor([adapter.scaling], dtype=torch.float32, device=self.device)
         for layer_name, layer in self._wrapped():
             if layer_name in weights:
