@@ -247,8 +247,8 @@ print(f"{(labels != -100).sum().item()} of {labels.numel()} tokens"
 # base model) and on.
 
 # %%
-rows = train.collate([train.encode_example(tok, r, MAX_LENGTH) for r in sql_rows],
-                     tok.pad_token_id)
+rows = train.collate([train.encode_example(tok, r, MAX_LENGTH)
+                      for r in sql_rows], tok.pad_token_id)
 rows = {k: v.to(sft.model.device) for k, v in rows.items()}
 with torch.no_grad():
     with sft.model.disable_adapter():

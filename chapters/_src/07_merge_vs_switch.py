@@ -571,7 +571,8 @@ try:
     from vllm.config.lora import LoRAConfig as VLLMLoRAConfig
 except ImportError:
     VLLMLoRAConfig = None
-    print("vLLM is not installed here: the next cell is skipped (pip install vllm to run it)")
+    print("vLLM is not installed here: the next cell is skipped"
+          " (pip install vllm to run it)")
 
 # %%
 if VLLMLoRAConfig is not None:
@@ -581,7 +582,8 @@ if VLLMLoRAConfig is not None:
     except ValueError as err:
         accepted = False
         print(str(err).splitlines()[2].split("[")[0].strip())
-    print("max_lora_rank=16 ok:", VLLMLoRAConfig(max_lora_rank=16).max_lora_rank)
+    print("max_lora_rank=16 ok:",
+          VLLMLoRAConfig(max_lora_rank=16).max_lora_rank)
     assert not accepted
 
 # %% [markdown]

@@ -123,10 +123,12 @@ assert runs["shift", "full"]["test_accuracy"] > 0.9
 # %%
 assert gap["support"] <= 0.05 and gap["sql"] < 0.15
 assert gap["shift"] > 0.8
-shape = {m: runs["sql", m]["by_shape"] for m in ("lora", "full")}  # [right, total]
+# [right, total] per request shape:
+shape = {m: runs["sql", m]["by_shape"] for m in ("lora", "full")}
 assert shape["lora"]["join"] == shape["full"]["join"]
 assert shape["full"]["join"][0] < shape["full"]["join"][1]
-assert shape["full"]["num"][0] == shape["full"]["num"][1] > shape["lora"]["num"][0]
+full_num, lora_num = shape["full"]["num"], shape["lora"]["num"]
+assert full_num[0] == full_num[1] > lora_num[0]
 
 # %% [markdown]
 # The forgetting columns tell the other half of the trade. On `shift`, full fine-tuning
