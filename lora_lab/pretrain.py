@@ -248,7 +248,7 @@ def _finetune(model_dir: Path, task: str, method: str, steps: int, seed: int = S
     from lora_lab.train import train
 
     model, tok = load_base(model_dir, device="cpu")
-    torch.manual_seed(seed)  # before the adapter's random init, so no run depends on the ones before it
+    torch.manual_seed(seed)  # before the adapter's random init (train() re-seeds for its shuffle)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -258,7 +258,6 @@ def _finetune(model_dir: Path, task: str, method: str, steps: int, seed: int = S
         lr = LORA_LR
     else:
         lr = FULL_LR
-    torch.manual_seed(seed)
     res = train(model, tok, data.load_task(task, "train"), steps=steps, lr=lr, batch_size=TASK_BATCH, seed=seed,
                 progress=False)  # fmt: skip
     acc, answers = task_accuracy(model, tok, task, "test", progress=False, return_answers=True)
