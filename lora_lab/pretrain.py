@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lora_lab import data
-from lora_lab.paths import TINY_BASE_DIR
+from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -41,6 +41,7 @@ __all__ = [
     "measure",
     "write_model_card",
     "LORA_STEPS",
+    "LORA_LRS",
 ]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -63,7 +64,8 @@ WARMUP = 100
 SEED = 0
 # The fine-tunes the model card reports: same steps, batch and data for LoRA and full fine-tuning.
 LORA_STEPS = 250
-LORA_LR = 3e-3
+# LoRA's rate per task, each chosen on the task's validation split (benchmarks/card_lora_lr.py).
+LORA_LRS = {"sql": 1e-2, "support": 3e-3, "shift": 3e-3}
 FULL_LR = 1e-3
 TASK_BATCH = 32
 
@@ -241,8 +243,13 @@ def _plot_curve(curve: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Measuring the model card's figures
 # ---------------------------------------------------------------------------------------------------
-def _finetune(model_dir: Path, task: str, method: str, steps: int, seed: int = SEED) -> dict:
-    """Fine-tune a fresh copy of the base on `task` ("lora": PEFT r=8 on q,k,v,o; "full": every weight)."""
+def _finetune(model_dir: Path, task: str, method: str, steps: int, seed: int = SEED,
+              lr: float | None = None, split: str = "test") -> dict:  # fmt: skip
+    """Fine-tune a fresh copy of the base on `task` ("lora": PEFT r=8 on q,k,v,o; "full": every weight).
+
+    Scores `split` afterwards: "test" for the card, "validation" when choosing a learning rate
+    (`lr`, default `LORA_LRS[task]` or `FULL_LR`; see `benchmarks/card_lora_lr.py`).
+    """
     from lora_lab.evaluate import accuracy_by_shape, probe_accuracy, task_accuracy
     from lora_lab.models import load_base
     from lora_lab.train import train
@@ -255,14 +262,12 @@ def _finetune(model_dir: Path, task: str, method: str, steps: int, seed: int = S
         cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
         model = get_peft_model(model, cfg)
-        lr = LORA_LR
-    else:
-        lr = FULL_LR
+    lr = lr or (LORA_LRS[task] if method == "lora" else FULL_LR)
     res = train(model, tok, data.load_task(task, "train"), steps=steps, lr=lr, batch_size=TASK_BATCH, seed=seed,
                 progress=False)  # fmt: skip
-    acc, answers = task_accuracy(model, tok, task, "test", progress=False, return_answers=True)
+    acc, answers = task_accuracy(model, tok, task, split, progress=False, return_answers=True)
     probes = probe_accuracy(model, tok)
-    extra = {"by_shape": accuracy_by_shape(answers)} if task == "sql" else {}
+    extra = {"by_shape": accuracy_by_shape(answers, split)} if task == "sql" else {}
     return {
         "task": task,
         "method": method,
@@ -271,7 +276,7 @@ def _finetune(model_dir: Path, task: str, method: str, steps: int, seed: int = S
         "train_seconds": round(res["seconds"], 1),
         "trainable_params": res["trainable_params"],
         "final_loss": round(sum(res["losses"][-10:]) / 10, 4),
-        "test_accuracy": round(acc, 4),
+        f"{split}_accuracy": round(acc, 4),
         "probe_accuracy_after": round(probes, 4),
         **extra,
     }
@@ -373,8 +378,8 @@ and `loss_curve.json`.
 Sample (greedy, prompt "Mira Vell"): "{sample}"
 
 Fine-tuning for {ft_steps} steps (batch {task_batch}, constant learning rate, loss on the assistant turn
-only), then greedy test accuracy on 200 unseen items. LoRA: PEFT r=8, alpha=16, q/k/v/o projections,
-lr {lora_lr}. Full: every weight, lr {full_lr}.
+only), then greedy test accuracy on 200 unseen items. Full: every weight, lr {full_lr} (not tuned).
+LoRA: PEFT r=8, alpha=16, q/k/v/o projections, {lr_choice}
 
 | task | LoRA r=8 acc | LoRA seconds | full FT acc | full FT seconds | full - LoRA | probes after LoRA / full |
 |---|---|---|---|---|---|---|
@@ -424,6 +429,28 @@ def _shape_verdict(metrics: dict) -> str:
             "there the adapter's capacity is short (chapter 03 patches more layers).\n"
         )
     return text + "\n"
+
+
+def _lr_choice() -> str:
+    """The LoRA rate of each task and how it was chosen, from benchmarks/card_lora_lr.py's results."""
+    rates = ", ".join(f"`{task}` {lr:g}" for task, lr in LORA_LRS.items())
+    path = RESULTS_DIR / "card_lora_lr.json"
+    if not path.exists():
+        return f"lr {rates}"
+    lines = [
+        f"lr {rates}: for each task, the rate with the best mean accuracy on its validation split "
+        "(`python benchmarks/card_lora_lr.py`; ties go to the smaller rate). The test figures below "
+        "are one run at those rates. Mean validation accuracy by rate (and the share of knowledge "
+        "probes kept after training, which a high rate costs):"
+    ]
+    for task, res in json.loads(path.read_text())["tasks"].items():
+        seeds = sorted({r["seed"] for r in res["runs"]})
+        cells = []
+        for lr, acc in res["mean_validation_accuracy"].items():
+            probes = [r["probe_accuracy_after"] for r in res["runs"] if f"{r['lr']:g}" == lr]
+            cells.append(f"{lr} {acc:.1%} (probes {sum(probes) / len(probes):.1%})")
+        lines.append(f"- `{task}` ({len(seeds)} seeds): {', '.join(cells)}")
+    return "\n".join(lines) + "\n"
 
 
 def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None = None) -> Path:
@@ -531,7 +558,8 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
         zs_shift=metrics["zero_shot"].get("shift", math.nan), eval_s=metrics["task_eval_seconds_per_200"],
         report_threads=metrics.get("threads", 1),
         sample=metrics["sample"].replace("\n", " "), ft_steps=ft_steps, task_batch=TASK_BATCH,
-        lora_lr=LORA_LR, full_lr=FULL_LR, ft_rows="\n".join(rows), shift_note=note, floor_rows="\n".join(floors),
+        lr_choice=_lr_choice(), full_lr=FULL_LR, ft_rows="\n".join(rows), shift_note=note,
+        floor_rows="\n".join(floors),
         notes="".join(f"\nNote: {n}\n" for n in metrics.get("notes", [])), shape_note=shape_note,
     )  # fmt: skip
     path = model_dir / "README.md"

@@ -199,3 +199,15 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def load_benchmark(name: str):
+    """`benchmarks/<name>.py` as a module, for tests of its helpers (benchmarks/ is not a package)."""
+    import importlib.util
+
+    from lora_lab.paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

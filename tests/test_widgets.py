@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import load_benchmark  # noqa: E402
 
 from lora_lab import widgets  # noqa: E402
 
@@ -228,16 +229,7 @@ def test_train_point_rejects_bad_settings(tiny_llama):
 
 
 def _sweep_module():
-    import importlib.util
-
-    from lora_lab.paths import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location(
-        "sweep_r_alpha", REPO_ROOT / "benchmarks" / "sweep_r_alpha.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sweep_r_alpha")
 
 
 def test_sweep_grid_trains_each_distinct_setting_once():
