@@ -67,7 +67,9 @@ for example in shift[:3]:
 # `data/models/tiny-base/metrics.json`) fine-tuned the bundled model on each task with the
 # same budget — 250 steps, batch 32, same data order — once with LoRA (r=8, alpha=16 on
 # q, k, v, o) and once fully, then scored 200 held-out test items and re-ran the knowledge
-# probes.
+# probes. Full fine-tuning trains at a learning rate of 1e-3. LoRA's rate was picked per
+# task on the validation split (`benchmarks/card_lora_lr.py`): 1e-2 on `sql`, where a
+# higher rate helps, and 3e-3 on the other two, where no rate tried did better.
 
 # %%
 card = json.loads((TINY_BASE_DIR / "metrics.json").read_text())
@@ -86,6 +88,7 @@ for task in tasks:
 lora_params = runs["shift", "lora"]["trainable_params"]
 full_params = runs["shift", "full"]["trainable_params"]
 print(f"trainable: LoRA {lora_params:,}  full {full_params:,}")
+print("LoRA learning rates:", {t: runs[t, "lora"]["lr"] for t in tasks})
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -115,18 +118,20 @@ assert runs["shift", "full"]["test_accuracy"] > 0.9
 
 # %% [markdown]
 # On the two in-domain tasks the picture is the one the sources describe for narrow tasks:
-# LoRA r=8 matches full fine-tuning on `support` and stays within about a dozen points of
-# it on `sql`. The model card breaks the `sql` errors down by request shape: both methods
-# get as many joins wrong (a limit of the small model), and LoRA alone misses some numbers it
-# should copy from the request into the query, which full fine-tuning gets right.
+# LoRA r=8 matches full fine-tuning on `support` and stays within ten points of it on
+# `sql`. The model card breaks the `sql` errors down by request shape: both methods miss
+# some joins (a limit of the small model, which must copy a product's name into the
+# query), and LoRA alone misses some numbers it should copy from the request, which full
+# fine-tuning gets all right.
 
 # %%
-assert gap["support"] <= 0.05 and gap["sql"] < 0.15
+assert gap["support"] <= 0.05 and gap["sql"] <= 0.10
 assert gap["shift"] > 0.8
 # [right, total] per request shape:
 shape = {m: runs["sql", m]["by_shape"] for m in ("lora", "full")}
-assert shape["lora"]["join"] == shape["full"]["join"]
-assert shape["full"]["join"][0] < shape["full"]["join"][1]
+for m in ("lora", "full"):
+    print(m, "joins", shape[m]["join"], "numbers", shape[m]["num"])
+    assert shape[m]["join"][0] < shape[m]["join"][1]
 full_num, lora_num = shape["full"]["num"], shape["lora"]["num"]
 assert full_num[0] == full_num[1] > lora_num[0]
 
