@@ -444,12 +444,12 @@ def _lr_choice() -> str:
         "probes kept after training, which a high rate costs):"
     ]
     for task, res in json.loads(path.read_text())["tasks"].items():
-        seeds = sorted({r["seed"] for r in res["runs"]})
+        seeds = len({r["seed"] for r in res["runs"]})
         cells = []
         for lr, acc in res["mean_validation_accuracy"].items():
             probes = [r["probe_accuracy_after"] for r in res["runs"] if f"{r['lr']:g}" == lr]
             cells.append(f"{lr} {acc:.1%} (probes {sum(probes) / len(probes):.1%})")
-        lines.append(f"- `{task}` ({len(seeds)} seeds): {', '.join(cells)}")
+        lines.append(f"- `{task}` ({seeds} seeds): {', '.join(cells)}")
     return "\n".join(lines) + "\n"
 
 

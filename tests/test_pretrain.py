@@ -82,13 +82,9 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[-1] < 0.11 and min(lrs[100:]) >= 0.1 - 1e-9
 
 
-def _card_lr_sweep():
-    return load_benchmark("card_lora_lr")
-
-
 def test_card_lora_rates_are_the_ones_chosen_on_validation():
     """Each task's LoRA rate comes from benchmarks/card_lora_lr.py's validation sweep, not from test."""
-    sweep = _card_lr_sweep()
+    sweep = load_benchmark("card_lora_lr")
     res = json.loads(sweep.RESULTS.read_text())
     assert res["split"] == "validation" and set(res["tasks"]) == set(data.TASKS) == set(pretrain.LORA_LRS)
     for task, entry in res["tasks"].items():
@@ -105,4 +101,4 @@ def test_choose_takes_the_best_mean_and_breaks_ties_towards_the_smaller_rate():
         {"lr": lr, "validation_accuracy": acc}
         for lr, acc in ((1e-2, 0.875), (5e-3, 0.75), (5e-3, 1.0), (3e-3, 0.5))
     ]
-    assert _card_lr_sweep().choose(runs) == (5e-3, {3e-3: 0.5, 5e-3: 0.875, 1e-2: 0.875})
+    assert load_benchmark("card_lora_lr").choose(runs) == (5e-3, {3e-3: 0.5, 5e-3: 0.875, 1e-2: 0.875})
