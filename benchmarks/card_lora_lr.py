@@ -93,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             r = runs[-1]
             print(f"{r['task']:8} lr {r['lr']:<7g} seed {r['seed']}  validation {r['validation_accuracy']:.3f}  "
                   f"final loss {r['final_loss']:.4f}  {r['train_seconds']:.0f} s", flush=True)  # fmt: skip
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() and not args.quick else {"tasks": {}}
+    entries = {}
     for task in tasks:
         task_runs = [r for r in runs if r["task"] == task]
         chosen, means = choose(task_runs)
         print(f"{task}: mean validation accuracy " + ", ".join(f"{lr:g} {m:.4f}" for lr, m in means.items()))
         print(f"{task}: chosen rate {chosen:g} (lora_lab.pretrain.LORA_LRS has {pretrain.LORA_LRS[task]:g})")
-        old["tasks"][task] = {
+        entries[task] = {
             "mean_validation_accuracy": {f"{lr:g}": round(m, 4) for lr, m in means.items()},
             "chosen_lr": chosen,
             "runs": task_runs,
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     if args.quick:
         return 0
+    done = json.loads(RESULTS.read_text())["tasks"] if RESULTS.exists() else {}
+    done.update(entries)  # the tasks of this run replace their old entries; the others stay
     out = {
         "split": "validation",
         "recipe": {
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": pretrain.TASK_BATCH,
         },
         "rule": "per task: best mean validation accuracy over seeds; ties go to the smaller rate",
-        "tasks": {task: old["tasks"][task] for task in TASKS if task in old["tasks"]},
+        "tasks": {task: done[task] for task in TASKS if task in done},
     }
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {RESULTS.relative_to(REPO)}")

@@ -421,7 +421,8 @@ def _shape_verdict(metrics: dict) -> str:
     if both:
         text += (
             f"Both fine-tunes miss some `{'`, `'.join(both)}` requests: that limit is this small model's "
-            "(4 layers that must copy values from the request into the query), not the update's rank. "
+            f"({MODEL_CONFIG['num_hidden_layers']} layers that must copy values from the request into the "
+            "query), not the update's rank. "
         )
     if lora_only:
         text += (
@@ -446,7 +447,7 @@ def _lr_choice() -> str:
     for task, res in json.loads(path.read_text())["tasks"].items():
         seeds = len({r["seed"] for r in res["runs"]})
         cells = []
-        for lr, acc in res["mean_validation_accuracy"].items():
+        for lr, acc in res["mean_validation_accuracy"].items():  # as stored by the benchmark
             probes = [r["probe_accuracy_after"] for r in res["runs"] if f"{r['lr']:g}" == lr]
             cells.append(f"{lr} {acc:.1%} (probes {sum(probes) / len(probes):.1%})")
         lines.append(f"- `{task}` ({seeds} seeds): {', '.join(cells)}")

@@ -228,12 +228,8 @@ def test_train_point_rejects_bad_settings(tiny_llama):
 # ---------------------------------------------------------------------------- the sweep script, quick mode
 
 
-def _sweep_module():
-    return load_benchmark("sweep_r_alpha")
-
-
 def test_sweep_grid_trains_each_distinct_setting_once():
-    sweep = _sweep_module()
+    sweep = load_benchmark("sweep_r_alpha")
     specs = sweep.grid_specs((1, 8, 16), 1e-3, [3e-3], [8])
     keys = [(s["r"], s["lora_alpha"], s["use_rslora"], s["lr"]) for s in specs]
     assert len(keys) == len(set(keys))
@@ -245,7 +241,7 @@ def test_sweep_grid_trains_each_distinct_setting_once():
 
 
 def test_quick_sweep_writes_results_the_explorer_reads(tmp_path, tiny_model_dir):
-    sweep = _sweep_module()
+    sweep = load_benchmark("sweep_r_alpha")
     out = tmp_path / "sweep.json"
     threads = torch.get_num_threads()
     try:  # one thread: a tiny model gains nothing from two, and a busy machine loses a lot
