@@ -12,6 +12,7 @@ The package is flat: one module per topic of the book, each importable on its ow
     train      a small training loop for any model                 (chapters 01-05)
     adapters   PEFT-format save / load                             (chapter 05)
     nf4        NF4 quantization and 4-bit layers (QLoRA)           (chapter 06)
+    bnb_cpu    bitsandbytes' CPU kernel quirks, detected and shown  (chapter 06)
     merge      merge / unmerge / merge_and_unload                  (chapter 07)
     registry   many adapters, LRU on the device (S-LoRA idea)      (chapter 07)
     serving    batched multi-adapter forward and generation        (chapter 07)
@@ -24,7 +25,9 @@ The most used entry points are re-exported here, imported on first use so that
 
 from importlib import import_module
 
-from lora_lab.runtime import compute_dtype, device, optimizer_name, seed_everything
+from lora_lab.runtime import compute_dtype, device, optimizer_name, quiet_library_noise, seed_everything
+
+quiet_library_noise()  # before peft / bitsandbytes are imported: see lora_lab.runtime.NOISE
 
 __version__ = "0.1.0"
 

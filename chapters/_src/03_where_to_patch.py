@@ -52,6 +52,8 @@ LIVE_PLACEMENT = "ffn"  # placement trained live at the end
 LIVE_STEPS = 15  # its training steps (the cached sweep used more)
 
 # %%
+import lora_lab  # first: it keeps known library noise out of outputs
+
 import json
 import tempfile
 import warnings
@@ -61,7 +63,6 @@ import matplotlib.pyplot as plt
 import torch
 from peft import LoraConfig, get_peft_model
 
-import lora_lab
 from lora_lab import data, plot, train
 from lora_lab.adapters import save_adapter
 from lora_lab.inject import LoRAConfig, add_lora, count_parameters

@@ -46,6 +46,8 @@ MAX_LENGTH = 96  # tokens per example
 LR = 2e-3
 
 # %%
+import lora_lab  # first: it keeps known library noise out of outputs
+
 import contextlib
 import io
 import tempfile
@@ -61,7 +63,6 @@ from transformers import (
 )
 from trl import SFTConfig, SFTTrainer
 
-import lora_lab
 from lora_lab import adapters, data, models, sizing, train
 
 datasets.disable_progress_bars()

@@ -52,6 +52,8 @@ LIVE_ITEMS = 16  # test items the live runs are scored on
 R, ALPHA, LR, BATCH = 8, 16, 3e-3, 32  # LoRA rank, alpha, learning rate, batch
 
 # %%
+import lora_lab  # first: it keeps known library noise out of outputs
+
 import copy
 import json
 import tempfile
@@ -67,7 +69,6 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-import lora_lab
 from lora_lab import data, evaluate, nf4, sizing, train
 from lora_lab.inject import LoRAConfig, add_lora
 from lora_lab.paths import RESULTS_DIR
@@ -361,6 +362,68 @@ extra = (W_dq - W).norm() / W.norm() - (W_deq - W).norm() / W.norm()
 print(f"extra relative error from double quantization: {extra.item():.6f}")
 
 # %% [markdown]
+# (claim-bnb-cpu-kernel)=
+# ### A bug in bitsandbytes' CPU kernel, and why the checks above still hold
+#
+# Every check so far compares values, so it matters which kernel computed them. bitsandbytes
+# 0.50.2 ships a C++ `dequantize_4bit` for CPUs. Its AVX512 branch (taken on CPUs with
+# AVX512F, for rows whose length is a multiple of 16) assumes every row holds whole blocks: it
+# reads the scale of row `i`, column `j` from block `i * (n // 64) + j // 64` instead of
+# `(i * n + j) // 64`. Where a block of 64 values spans two rows, values get another block's
+# scale. bitsandbytes' own portable torch path, and `lora_lab.nf4`, are right. Quantizing is
+# not affected: the bytes and scales are the same on every CPU.
+#
+# `lora_lab.bnb_cpu` writes the rule down and checks it. Here is the damage on a weight whose
+# rows of 96 are not whole blocks, computed both ways on any machine:
+
+# %%
+from lora_lab import bnb_cpu
+
+odd = torch.randn(192, 96, generator=torch.Generator().manual_seed(0)) * 0.02
+odd_packed, odd_state = bnbF.quantize_4bit(odd, blocksize=64, quant_type="nf4")
+right = bnb_cpu.portable_dequantize_4bit(odd_packed, odd_state)
+like_avx512 = bnb_cpu.dequantize_like_native_kernel(
+    odd_packed, odd_state.absmax, nf4.NF4_CODE, 64, odd.shape)
+assert torch.equal(right, nf4.dequantize_nf4(*nf4.quantize_nf4(odd)))
+
+
+def rel_error(approx):
+    return ((approx - odd).norm() / odd.norm()).item()
+
+
+print(f"relative error, portable path and lora_lab: {rel_error(right):.3f}")
+print("relative error, the AVX512 kernel's scales: "
+      f"{rel_error(like_avx512):.3f}")
+assert rel_error(like_avx512) > 2 * rel_error(right)
+widths = {"this model": {*W.shape, *(w.shape[1] for w in linear_weights.values())},
+          "Llama-2-7B": {4096, 11008}}
+for name, ws in widths.items():
+    hit = [n for n in sorted(ws) if bnb_cpu.block_spans_rows((8, n), 64)]
+    print(f"{name}: row lengths {sorted(ws)}, hit at blocksize 64: {hit}")
+    assert not hit
+assert bnb_cpu.block_spans_rows((4096, 11008), 1024)  # 11008 = 10.75 x 1024
+# this machine's kernel: right, or wrong in exactly that way (anything else fails)
+kernel_here = bnb_cpu.compare_native_dequantize(odd_packed, odd_state)
+
+# %% tags=["nbval-ignore-output"]
+print("bitsandbytes' dequantize_4bit on this machine:", kernel_here)
+
+# %% [markdown]
+# So a real model is safe at the default blocksize of 64: its row lengths (768, 2048, 4096,
+# 11008, ...) are whole multiples of 64, as are this book's model's. It is hit when a row is
+# not (a tiny test model 32 wide, an odd vocabulary) or with a larger blocksize (11008 is not
+# a multiple of 1024). On such a model, wrap bitsandbytes in `with
+# bnb_cpu.portable_dequantize():`, which routes its dequantization to the portable path.
+# `benchmarks/bnb_cpu_quirks.py` prints both kernels side by side on your machine.
+#
+# A second quirk, on CPUs with AVX512-BF16: in eval mode without gradients, bitsandbytes'
+# `Linear4bit` rewrites its weight on the first forward for a fused bf16 kernel. That needs
+# `out_features % 32 == 0` and `in_features % blocksize == 0` (any other layer crashes), and
+# the layer then computes in bf16, so its outputs differ from the fp32 path other CPUs take.
+# Where this chapter loads a model with bitsandbytes, `bnb_cpu.disable_cpu_repacking` keeps
+# it on the fp32 path, so every CPU prints the same numbers.
+
+# %% [markdown]
 # (claim-nf4-bits)=
 # ### Bits per parameter: 4.5 and 4.127
 #
@@ -565,6 +628,8 @@ bnb_config = BitsAndBytesConfig(
 base_path = lora_lab.models.resolve_base_name(BASE_MODEL)
 peft_model = AutoModelForCausalLM.from_pretrained(
     base_path, quantization_config=bnb_config, device_map={"": DEVICE})
+# fp32 on every CPU: no bf16 repacking on AVX512-BF16 ones (see above)
+bnb_cpu.disable_cpu_repacking(peft_model)
 
 # On CPU bitsandbytes runs the kernels lora_lab copies bit for bit; its CUDA
 # kernels may round a few 8-bit scales differently, so there compare values.
@@ -836,11 +901,13 @@ diff = {k: (logits(m) - reference).abs().max().item() for k, m in cases.items()}
 size = {k: nf4.model_bytes(m) for k, m in cases.items()}
 top1 = {k: (logits(m).argmax(-1) == reference.argmax(-1)).float().mean().item()
         for k, m in cases.items()}
-print(f"{'case':18} {'max logit diff':>15} {'same top-1':>11} {'MB':>7}")
-for k in cases:
-    print(f"{k:18} {diff[k]:>15.1e} {top1[k]:>11.3f} {size[k] / 1e6:>7.2f}")
 eps = torch.finfo(DTYPE).eps  # fp32 2**-23, bf16 2**-7, fp16 2**-10
 rounding = max(1e-3, 2 * eps * reference.abs().max().item())
+# a gap within float rounding prints as "< rounding": its digits depend on the CPU's kernels
+shown = {k: lora_lab.runtime.below(d, rounding) for k, d in diff.items()}
+print(f"{'case':18} {'max logit diff':>15} {'same top-1':>11} {'MB':>7}")
+for k in cases:
+    print(f"{k:18} {shown[k]:>15} {top1[k]:>11.3f} {size[k] / 1e6:>7.2f}")
 assert diff["1 full precision"] < rounding  # exact up to float rounding
 assert diff["3 re-quantized"] > rounding  # more than rounding can explain
 
