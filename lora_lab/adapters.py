@@ -384,7 +384,8 @@ def load_adapter(
 
     A model without LoRA gets LoRA layers per the adapter's config first; a model that already has
     LoRA layers (same layers, same shapes) gets its A and B overwritten. As with PEFT's
-    `from_pretrained`, the loaded adapter is frozen unless is_trainable=True.
+    `from_pretrained`, the loaded adapter is frozen and the model is put in eval mode (so LoRA
+    dropout is off and two identical forwards agree) unless is_trainable=True.
     Every check runs before the model is touched: on any error the model is unchanged.
     """
     where = str(path)
@@ -410,4 +411,6 @@ def load_adapter(
             layer.scaling = lora_scaling(layer.r, config.lora_alpha, config.use_rslora)
     for param_name, param in model.named_parameters():
         param.requires_grad = is_trainable and "lora_" in param_name
+    if not is_trainable:
+        model.eval()  # as PEFT's from_pretrained: LoRA dropout (and any other dropout) off for inference
     return model

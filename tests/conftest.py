@@ -211,3 +211,23 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------- adapters trained with dropout
+# (added for issue 15: loading for inference must switch LoRA dropout off, as PEFT's from_pretrained does)
+
+
+@pytest.fixture(scope="session")
+def dropout_adapter_dir(tmp_path_factory):
+    """A PEFT adapter for the tiny Llama saved with lora_dropout=0.1 (as most real adapters are)."""
+    path = tmp_path_factory.mktemp("dropout-adapter")
+    return save_peft_adapter(path, r=4, lora_alpha=8, seed=5, lora_dropout=0.1)
+
+
+def assert_inference_like_peft(model, peft_model, ids) -> None:
+    """Two identical forwards of `model` agree exactly (dropout off) and equal PEFT's output."""
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+        theirs = peft_model(input_ids=ids).logits
+    assert torch.equal(first, second), f"two identical forwards differ by {(first - second).abs().max():.3g}"
+    torch.testing.assert_close(first, theirs, atol=1e-5, rtol=0)

@@ -8,7 +8,14 @@ import shutil
 
 import pytest
 import torch
-from conftest import TARGETS, build_tiny, copy_lora_into_peft, tiny_inputs, to_peft_config
+from conftest import (
+    TARGETS,
+    assert_inference_like_peft,
+    build_tiny,
+    copy_lora_into_peft,
+    tiny_inputs,
+    to_peft_config,
+)
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 
@@ -304,3 +311,14 @@ def test_bundled_model_round_trip_with_peft(tmp_path):
     theirs = PeftModel.from_pretrained(build_tiny("tiny-base"), tmp_path).eval()
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     assert (_logits(ours, ids) - _logits(theirs, ids)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("start", ["fresh-eval", "fresh-train", "has-lora"])
+def test_adapter_saved_with_dropout_loads_for_inference_like_peft(dropout_adapter_dir, start):
+    """lora_dropout=0.1 in the file: loading for inference is deterministic and equals from_pretrained."""
+    model = _trained("llama", lora_dropout=0.1)[0] if start == "has-lora" else build_tiny("llama")
+    model.train(start != "fresh-eval")
+    ours = load_adapter(model, dropout_adapter_dir)
+    assert not ours.training and not any(m.training for m in ours.modules())
+    theirs = PeftModel.from_pretrained(build_tiny("llama").train(), dropout_adapter_dir)
+    assert_inference_like_peft(ours, theirs, tiny_inputs(ours, batch=3, seq=12))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_inference_like_peft
 
 from lora_lab import cli
 from lora_lab.paths import REPO_ROOT, TINY_BASE_DIR
@@ -282,3 +283,19 @@ def test_accelerate_launch_cpu_flag_starts_only_one_process(tmp_path):
     proc = _accelerate(_train_cmd(tmp_path / "cpu"), "--cpu", "--num_processes", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "cpu" / "metrics.json").read_text())["num_processes"] == 1
+
+
+def test_adapter_trained_with_dropout_loads_for_inference_like_peft(tmp_path, tiny_model_dir):
+    """A run with lora_dropout > 0: its saved adapter loads (lora_lab and PEFT) with dropout off."""
+    from peft import PeftModel
+
+    from lora_lab.adapters import load_adapter
+    from lora_lab.models import load_base
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, steps=2, lora_dropout=0.1)
+    assert cli.main(["train", "--config", str(cfg), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    ours, tok = load_base(str(tiny_model_dir))
+    load_adapter(ours.train(), tmp_path / "out")
+    theirs = PeftModel.from_pretrained(load_base(str(tiny_model_dir))[0].train(), tmp_path / "out")
+    ids = tok("<|user|>\nHow many users live in Ostrin?\n<|assistant|>\n", return_tensors="pt").input_ids
+    assert_inference_like_peft(ours, theirs, ids)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TARGETS, build_tiny, save_peft_adapter, tiny_inputs
+from conftest import TARGETS, assert_inference_like_peft, build_tiny, save_peft_adapter, tiny_inputs
 from peft import PeftModel
 
 from lora_lab.registry import AdapterRegistry
@@ -246,3 +246,18 @@ def test_merge_equals_unmerged_and_unmerge_restores_base(adapter_dirs):
         torch.testing.assert_close(_logits(registry.model, ids), base, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="nothing to unmerge"):
         registry.unmerge()
+
+
+def test_adapter_saved_with_dropout_serves_like_peft(dropout_adapter_dir):
+    """lora_dropout=0.1 in the file: set_adapter and a mixed batch are deterministic and equal PEFT's."""
+    from lora_lab import serving
+
+    registry = AdapterRegistry(build_tiny("llama").train())  # even a model left in train mode
+    registry.load("d", dropout_adapter_dir)
+    registry.set_adapter("d")
+    theirs = PeftModel.from_pretrained(build_tiny("llama").train(), dropout_adapter_dir)
+    ids = tiny_inputs(registry.model, batch=2, seq=9)
+    assert_inference_like_peft(registry.model, theirs, ids)
+    mixed = [serving.forward(registry, ids, ["d", "d"]) for _ in range(2)]
+    assert torch.equal(mixed[0], mixed[1])
+    torch.testing.assert_close(mixed[0], _logits(theirs, ids), atol=ATOL, rtol=0)
