@@ -1,6 +1,7 @@
 """Tests for lora_lab.evaluate: the scorers, and that metrics are plain numbers in range."""
 
 import math
+import sqlite3
 import time
 
 import pytest
@@ -46,6 +47,62 @@ def test_score_sql_stops_runaway_queries():
     bad = "SELECT COUNT(*) FROM orders a, orders b, orders c, orders d"
     assert not evaluate.score_sql(bad, REF, db)
     assert time.perf_counter() - t < 10
+
+
+# Hostile predictions (a model's output is untrusted input): each scores False, within the time limit,
+# and leaves the database, the disk and later scores as they were.
+ROWS_OF_BLOBS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {n}) "
+HOSTILE_SQL = {
+    "query_only_off": "PRAGMA query_only = OFF",
+    "delete": "DELETE FROM orders",
+    "drop": "DROP TABLE users",
+    "insert": "INSERT INTO users VALUES (999, 'x', 'Ostrin', 1)",
+    "temp_table": "CREATE TEMP TABLE t AS SELECT * FROM users",
+    "attach": "ATTACH DATABASE '{tmp}/attached.db' AS x",
+    "vacuum_into": "VACUUM INTO '{tmp}/copy.db'",
+    "pragma_function": "SELECT * FROM pragma_table_info('users')",
+    "load_extension": "SELECT load_extension('{tmp}/evil')",
+    "zeroblob_1gb": "SELECT zeroblob(1000000000)",
+    "recursive_randomblobs": "WITH RECURSIVE c(x, b) AS (SELECT 1, randomblob(900000) UNION ALL "
+    "SELECT x + 1, randomblob(900000) FROM c WHERE x < 100000) SELECT count(*) FROM c",
+    "sorted_blobs": ROWS_OF_BLOBS.format(n=100000) + "SELECT zeroblob(900000) || x AS b FROM c ORDER BY b",
+    "counting_forever": ROWS_OF_BLOBS.format(n=10**12) + "SELECT count(*) FROM c",
+    "cross_join": "SELECT COUNT(*) FROM orders a, orders b, orders c, orders d",
+    "many_rows": ROWS_OF_BLOBS.format(n=10**9) + "SELECT x FROM c",
+    "two_statements": "SELECT 1; DELETE FROM orders",
+}
+
+
+@pytest.mark.parametrize("sql", list(HOSTILE_SQL.values()), ids=list(HOSTILE_SQL))
+def test_hostile_sql_scores_false_and_changes_nothing(sql, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        evaluate, "SQL_TIME_LIMIT_S", 0.5, raising=False
+    )  # keeps the test short; the default is 2 s
+    db = data.shop_database()
+    before = db.serialize()
+    t = time.perf_counter()
+    for where in (db, None):  # a database passed in, and the shared default one
+        assert not evaluate.score_sql(sql.format(tmp=tmp_path), REF, where)
+        assert not evaluate.score_sql(HOSTILE_SQL["delete"], REF, where)  # e.g. after query_only = OFF
+    assert time.perf_counter() - t < 4 * 0.5 + 4
+    assert db.serialize() == before and list(tmp_path.iterdir()) == []
+    # a wrong answer still scores False afterwards (an emptied table would make it "right")
+    assert not evaluate.score_sql("SELECT id FROM orders WHERE 0", "SELECT id FROM orders")
+    assert evaluate.score_sql(REF, REF)
+
+
+def test_sandbox_caps_values_heap_and_rows(monkeypatch):
+    monkeypatch.setattr(evaluate, "SQL_TIME_LIMIT_S", 0.5)
+    with pytest.raises(sqlite3.DataError, match="too big"):  # SQLITE_LIMIT_LENGTH: no 1 GB value
+        evaluate.run_sandboxed_sql("SELECT zeroblob(1000000000)")
+    if evaluate._HEAP_API is not None:  # the heap cap stops a sort of many big values at once
+        with pytest.raises(MemoryError):
+            evaluate.run_sandboxed_sql(HOSTILE_SQL["sorted_blobs"])
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):  # the wall-clock limit
+        evaluate.run_sandboxed_sql(HOSTILE_SQL["counting_forever"])
+    with pytest.raises(OverflowError, match="more than 3 rows"):
+        evaluate.run_sandboxed_sql("SELECT id FROM orders", max_rows=3)
+    assert len(evaluate.run_sandboxed_sql(ROWS_OF_BLOBS.format(n=50) + "SELECT x FROM c")) == 50  # CTEs work
 
 
 def test_score_support_and_shift():
