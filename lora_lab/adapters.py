@@ -30,9 +30,12 @@ the safetensors format (https://github.com/huggingface/safetensors).
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -191,29 +194,140 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+# A save writes the whole adapter into a hidden sibling folder, then swaps it in with one rename, so
+# the folder is always entirely the old adapter or entirely the new one, even after a SIGKILL.
+STAGING_MARK = ".lora-lab-saving-"  # .<folder>.lora-lab-saving-<pid>-<hex>: a save in progress
+OLD_MARK = ".lora-lab-old-"  # .<folder>.lora-lab-old-<pid>-<hex>: the old folder while it is swapped out
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk (folders cannot be opened on some systems: skipped there)."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
-def save_adapter(
-    model: nn.Module,
-    path: str | os.PathLike,
-    config: LoRAConfig | None = None,
-    base_model_name_or_path: str | None = None,
-) -> Path:
-    """Write the model's LoRA weights and config to `path/` in PEFT's format; returns the folder.
+def _rename_exchange():
+    """Linux renameat2(RENAME_EXCHANGE) (swaps two paths in one step), or None where it is missing."""
+    try:
+        import ctypes
 
-    config defaults to the one add_lora stored (`model.lora_config`). base_model_name_or_path
-    defaults to `model.name_or_path` as PEFT does (None if the model has none).
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError, ImportError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+
+    def exchange(a: Path, b: Path) -> bool:
+        at_fdcwd, rename_exchange = -100, 2
+        if function(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot swap
+            return False
+        raise OSError(err, os.strerror(err), str(b))
+
+    return exchange
+
+
+_EXCHANGE = _rename_exchange()
+
+
+def _sibling(folder: Path, mark: str) -> Path:
+    return folder.parent / f".{folder.name}{mark}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _owner_alive(name: str, mark: str) -> bool:
+    """Whether the process that made a staging/old folder (pid in its name) still runs."""
+    try:
+        pid = int(name.split(mark, 1)[1].split("-", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except (PermissionError, OSError):
+        return True
+    return pid != os.getpid()
+
+
+def _clean_leftovers(folder: Path) -> None:
+    """Remove what interrupted saves into `folder` left behind (their process is gone).
+
+    An old folder that was swapped out but never replaced (only without renameat2) goes back.
     """
+    prefix = f".{folder.name}"
+    for path in sorted(folder.parent.glob(f"{glob.escape(prefix)}.lora-lab-*")):
+        mark = STAGING_MARK if STAGING_MARK in path.name else OLD_MARK
+        if mark not in path.name or _owner_alive(path.name, mark):
+            continue
+        if mark == OLD_MARK and not folder.exists():
+            os.rename(path, folder)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # a hard link: no bytes copied
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_adapter_folder(folder: Path, tensors: dict[str, torch.Tensor], content: dict) -> Path:
+    """Write an adapter folder so that it changes as one unit (see STAGING_MARK); returns the folder.
+
+    Files in an existing folder other than the adapter's own (a README, metrics.json, subfolders)
+    are carried over as hard links. On Linux the swap is one renameat2(RENAME_EXCHANGE); elsewhere
+    two renames, where an interruption between them leaves the old folder under OLD_MARK, put back
+    by the next save.
+    """
+    folder = folder.resolve() if folder.is_symlink() else folder
+    if Path.cwd().resolve().is_relative_to(folder.resolve()):
+        raise ValueError(
+            f"cannot save into {folder}: it is (or holds) the current working directory, and a save replaces "
+            "the whole folder; save into a subfolder such as ./adapter"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(folder)
+    staging = _sibling(folder, STAGING_MARK)
+    try:
+        if folder.is_dir():
+            shutil.copytree(folder, staging, symlinks=True, copy_function=_link_or_copy,
+                            ignore=lambda d, names: ADAPTER_FILES if Path(d) == folder else ())  # fmt: skip
+        else:
+            staging.mkdir()
+        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        text = json.dumps(content, indent=2, sort_keys=True)  # byte for byte how PEFT writes it
+        (staging / CONFIG_NAME).write_text(text, encoding="utf-8")
+        for path in (staging / WEIGHTS_NAME, staging / CONFIG_NAME, staging):
+            _fsync(path)
+        if not folder.exists():
+            os.rename(staging, folder)
+        elif _EXCHANGE is not None and _EXCHANGE(staging, folder):
+            pass  # staging now holds the old folder
+        else:
+            old = _sibling(folder, OLD_MARK)
+            os.rename(folder, old)
+            os.rename(staging, folder)
+            os.rename(old, staging)
+        _fsync(folder.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _adapter_files(
+    model: nn.Module, config: LoRAConfig | None, base_model_name_or_path: str | None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Check a model for saving; return (tensors, adapter_config.json content)."""
     config = config if config is not None else getattr(model, "lora_config", None)
     if not isinstance(config, LoRAConfig):
         raise ValueError("no LoRAConfig given and the model has none (add_lora stores it); pass config=...")
@@ -238,28 +352,67 @@ def save_adapter(
             f"layer {n} has r={r}, lora_alpha={alpha} but the config says r={config.r}, "
             f"lora_alpha={config.lora_alpha}; pass the config the model was built with"
         )
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder; an adapter is saved as a folder")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    names = [n for n, _ in layers]
     content = adapter_config_dict(
         config,
-        _targets_for_file(model, config, names),
+        _targets_for_file(model, config, [n for n, _ in layers]),
         fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
         base_model_name_or_path=str(base_model_name_or_path) if base_model_name_or_path is not None else None,
     )
-    tensors = adapter_state_dict(model)
+    return adapter_state_dict(model), content
 
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(content, indent=2, sort_keys=True)  # byte for byte how PEFT writes it
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: LoRAConfig | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write the model's LoRA weights and config to `path/` in PEFT's format; returns the folder.
+
+    config defaults to the one add_lora stored (`model.lora_config`). base_model_name_or_path
+    defaults to `model.name_or_path` as PEFT does (None if the model has none). The folder changes
+    as one unit: an interrupted save leaves it entirely old or entirely new, never mixed.
+    """
+    folder = _save_target(path)
+    tensors, content = _adapter_files(model, config, base_model_name_or_path)
+    return _write_adapter_folder(folder, tensors, content)
+
+
+def _save_target(path: str | os.PathLike) -> Path:
+    """The folder to save into; FileExistsError if a file is in the way."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; an adapter is saved as a folder")
     return folder
 
 
 # ---------------------------------------------------------------------------- reading and loading
+
+
+def _adapter_folder(path) -> Path:
+    """The adapter folder `path` names, or a FileNotFoundError/ValueError that says what to pass."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder path (str or Path), got {type(path).__name__}")
+    folder = Path(path)
+    if folder.is_file():
+        hint = (
+            f"pass the folder that holds it: {folder.parent}"
+            if folder.name in ADAPTER_FILES
+            else f"pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+        raise FileNotFoundError(f"{folder} is a file, but an adapter is a folder; {hint}")
+    if STAGING_MARK in folder.name or OLD_MARK in folder.name:
+        raise ValueError(
+            f"{folder} is a temporary folder of an interrupted save_adapter, not an adapter; load the folder "
+            "it was saving to (the next save into that folder removes this one)"
+        )
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    return folder
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -268,11 +421,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[d
     Prefers adapter_model.safetensors; falls back to adapter_model.bin only with allow_pickle=True.
     Raises FileNotFoundError for missing files and ValueError for truncated or corrupted ones.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
-        )
+    folder = _adapter_folder(path)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(

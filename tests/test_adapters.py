@@ -322,3 +322,51 @@ def test_adapter_saved_with_dropout_loads_for_inference_like_peft(dropout_adapte
     assert not ours.training and not any(m.training for m in ours.modules())
     theirs = PeftModel.from_pretrained(build_tiny("llama").train(), dropout_adapter_dir)
     assert_inference_like_peft(ours, theirs, tiny_inputs(ours, batch=3, seq=12))
+
+
+def _save_forever(models, folder):
+    """Child process: save the two adapters into one folder in turn until killed."""
+    while True:
+        for model in models:
+            save_adapter(model, folder)
+
+
+def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_adapter(tmp_path):
+    """Real SIGKILLs during a save loop: the folder is always one whole adapter, never a mix."""
+    import multiprocessing
+    import os
+    import random
+    import signal
+    import time
+
+    models = [_trained("llama")[0], _trained("llama", lora_alpha=32, r=2)[0]]
+    references = []
+    for i, model in enumerate(models):
+        save_adapter(model, tmp_path / f"ref{i}")
+        references.append(_files_digest(tmp_path / f"ref{i}"))
+    folder = tmp_path / "adapter"
+    save_adapter(models[0], folder)
+    (folder / "README.md").write_text("kept")  # a file of the user's: carried over by every save
+    rng, seen, kills, interrupted, deadline = random.Random(0), [], 0, 0, time.monotonic() + 5
+    while kills < 30 and time.monotonic() < deadline:
+        kills += 1
+        child = multiprocessing.get_context("fork").Process(target=_save_forever, args=(models, folder))
+        child.start()
+        time.sleep(rng.uniform(0.02, 0.15))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        digest = _files_digest(folder)
+        assert digest.pop("README.md") == hashlib.sha256(b"kept").hexdigest()
+        assert digest in references, sorted(digest)
+        seen.append(references.index(digest))
+        loaded = load_adapter(build_tiny("llama"), folder)
+        assert loaded.lora_config.lora_alpha == (8, 32)[references.index(digest)]
+        leftovers = list(tmp_path.glob(".adapter.lora-lab-*"))  # what the kill left beside it
+        interrupted += bool(leftovers)
+        for leftover in leftovers:
+            with pytest.raises(ValueError, match="interrupted save_adapter"):
+                read_adapter(leftover)
+    print(f"{kills} kills: {seen.count(0)} old, {seen.count(1)} new, {interrupted} during a save")
+    assert set(seen) == {0, 1}  # the kills did land during saves
+    save_adapter(models[1], folder)  # the next save removes what killed saves left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "ref0", "ref1"]
