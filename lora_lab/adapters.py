@@ -19,9 +19,10 @@ model, so an error leaves the model as it was. Pickle files (`adapter_model.bin`
 when loaded: they are refused unless `allow_pickle=True`, and then read with
 `torch.load(weights_only=True)`.
 
+Per-layer ranks and alphas (`rank_pattern` / `alpha_pattern`, as PEFT writes them) load and save.
+
 Left out: several adapters per folder or per model (registries and switching build on
-`read_adapter`), DoRA magnitudes, embedding LoRA, `modules_to_save`, `rank_pattern` /
-`alpha_pattern`.
+`read_adapter`), DoRA magnitudes, embedding LoRA, `modules_to_save`.
 
 References: PEFT `utils/save_and_load.py` (`get_peft_model_state_dict`, `load_peft_weights`),
 `config.py` (`PeftConfigMixin.save_pretrained`), `utils/constants.py` (file names);
@@ -58,6 +59,7 @@ __all__ = [
     "adapter_config_dict",
     "config_from_dict",
     "split_peft_key",
+    "check_lora_tensor",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -108,7 +110,7 @@ def adapter_config_dict(
 ) -> dict:
     """The adapter_config.json content: PEFT's keys for a plain LoRA adapter, with PEFT's defaults."""
     return {
-        "alpha_pattern": {},
+        "alpha_pattern": dict(config.alpha_pattern),
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
         "bias": config.bias,
@@ -124,7 +126,7 @@ def adapter_config_dict(
         "modules_to_save": None,
         "peft_type": "LORA",
         "r": config.r,
-        "rank_pattern": {},
+        "rank_pattern": dict(config.rank_pattern),
         "revision": None,
         "target_modules": target_modules,
         "task_type": "CAUSAL_LM",
@@ -138,8 +140,6 @@ _UNSUPPORTED = {
     "use_dora": (False, None),
     "lora_bias": (False, None),
     "modules_to_save": (None, []),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
     "layers_to_transform": (None, []),
     "layer_replication": (None, []),
     "target_parameters": (None, []),
@@ -177,6 +177,8 @@ def config_from_dict(config: dict, where: str = "adapter_config.json") -> LoRACo
             use_rslora=config.get("use_rslora", False),
             init_lora_weights=init if init in (True, False, "gaussian") else True,  # A/B come from the file
             bias=config.get("bias", "none"),
+            rank_pattern=config.get("rank_pattern") or {},
+            alpha_pattern=config.get("alpha_pattern") or {},
         )
     except (ValueError, TypeError) as err:
         raise ValueError(f"{where} is not a valid LoRA config: {err}") from None
@@ -342,15 +344,16 @@ def _adapter_files(
             "(the saved A and B would otherwise be applied twice when loaded)"
         )
     wrong = [
-        (n, layer.r, layer.lora_alpha)
+        (n, layer.r, layer.lora_alpha, config.rank_alpha_for(n))
         for n, layer in layers
-        if (layer.r, layer.lora_alpha) != (config.r, config.lora_alpha)
+        if (layer.r, layer.lora_alpha) != config.rank_alpha_for(n)
     ]
     if wrong:
-        n, r, alpha = wrong[0]
+        n, r, alpha, (want_r, want_alpha) = wrong[0]
         raise ValueError(
-            f"layer {n} has r={r}, lora_alpha={alpha} but the config says r={config.r}, "
-            f"lora_alpha={config.lora_alpha}; pass the config the model was built with"
+            f"layer {n} has r={r}, lora_alpha={alpha} but the config says r={want_r}, "
+            f"lora_alpha={want_alpha} for it; pass the config the model was built with (with its "
+            "rank_pattern / alpha_pattern)"
         )
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
@@ -467,6 +470,40 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[d
     return config, tensors
 
 
+def check_lora_tensor(tensor: torch.Tensor, name: str, where: str) -> None:
+    """ValueError unless `tensor` is a float tensor of finite values (one check for every loading path).
+
+    A NaN or inf in A or B turns every logit NaN; it comes from a diverged run or a damaged file.
+    """
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(
+            f"{name} in {where} is {tensor.dtype}, not a float tensor; the file is not a LoRA adapter"
+        )
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(
+            f"{name} in {where} has {bad} NaN/inf value(s): the adapter is broken (a diverged training run or "
+            "a damaged file). Retrain it with a lower learning rate, or load an earlier checkpoint."
+        )
+
+
+def _check_file_rank(pair: dict[str, torch.Tensor], name: str, r: int, where: str) -> None:
+    """ValueError when A and B agree on a rank that is not the config's: config and weights don't belong together."""
+    weight_A, weight_B = pair["lora_A"], pair["lora_B"]
+    if weight_A.dim() != 2 or weight_B.dim() != 2:
+        raise ValueError(
+            f"{name} in {where}: lora_A and lora_B must be 2-D ([r, in] and [out, r]), got shapes "
+            f"{list(weight_A.shape)} and {list(weight_B.shape)}; the file is not a LoRA adapter"
+        )
+    file_r = weight_A.shape[0]
+    if file_r == weight_B.shape[1] and file_r != r:
+        raise ValueError(
+            f"the adapter in {where} has rank-{file_r} tensors for {name} but its adapter_config.json says "
+            f"r={r} there: the config does not belong to these weights. Save the adapter again, or fix r / "
+            "rank_pattern in adapter_config.json."
+        )
+
+
 def _plan(
     model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], where: str
 ) -> dict[str, dict]:
@@ -496,12 +533,14 @@ def _plan(
             "missing); the file is incomplete or was saved for other target_modules"
         )
     for name in targets:
+        r = config.rank_alpha_for(name)[0]
+        _check_file_rank(by_layer[name], name, r, where)
         if name in injected:  # already has LoRA: the file must fit the existing A and B
             layer = injected[name]
-            if layer.r != config.r:
+            if layer.r != r:
                 raise ValueError(
-                    f"the adapter in {where} has r={config.r} but this model's LoRA layer {name} has r={layer.r}; "
-                    "remove_lora(model) first to load an adapter of another rank"
+                    f"the adapter in {where} has r={r} for {name} but this model's LoRA layer there has "
+                    f"r={layer.r}; remove_lora(model) first to load an adapter of another rank"
                 )
             in_f, out_f = layer.in_features, layer.out_features
             expected = {
@@ -510,7 +549,7 @@ def _plan(
             }
         else:
             in_f, out_f = base_in_out_features(model.get_submodule(name))
-            expected = {"lora_A": (config.r, in_f), "lora_B": (out_f, config.r)}
+            expected = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
         for part, shape in expected.items():
             got = tuple(by_layer[name][part].shape)
             if got != shape:
@@ -519,10 +558,7 @@ def _plan(
                     f"file but this model needs {list(shape)} (in={in_f}, out={out_f}, r={shape[0] if part == 'lora_A' else shape[1]}). "
                     "The adapter was trained for another base model."
                 )
-            if not by_layer[name][part].dtype.is_floating_point:
-                raise ValueError(
-                    f"{name}.{part} in {where} is {by_layer[name][part].dtype}, not a float tensor"
-                )
+            check_lora_tensor(by_layer[name][part], f"{name}.{part}", where)
     return by_layer
 
 
@@ -556,8 +592,8 @@ def load_adapter(
         for name, layer in lora_layers(model):
             layer.lora_A.weight.copy_(plan[name]["lora_A"])
             layer.lora_B.weight.copy_(plan[name]["lora_B"])
-            layer.lora_alpha, layer.use_rslora = config.lora_alpha, config.use_rslora
-            layer.scaling = lora_scaling(layer.r, config.lora_alpha, config.use_rslora)
+            layer.lora_alpha, layer.use_rslora = config.rank_alpha_for(name)[1], config.use_rslora
+            layer.scaling = lora_scaling(layer.r, layer.lora_alpha, config.use_rslora)
     for param_name, param in model.named_parameters():
         param.requires_grad = is_trainable and "lora_" in param_name
     if not is_trainable:

@@ -231,3 +231,18 @@ def assert_inference_like_peft(model, peft_model, ids) -> None:
         theirs = peft_model(input_ids=ids).logits
     assert torch.equal(first, second), f"two identical forwards differ by {(first - second).abs().max():.3g}"
     torch.testing.assert_close(first, theirs, atol=1e-5, rtol=0)
+
+
+# Per-layer ranks and alphas as PEFT writes them (rank_pattern / alpha_pattern): v_proj at r=2, the
+# second layer's q_proj at r=8, q_proj and down_proj with their own alphas; everything else r=4, alpha=8.
+PATTERNS = {
+    "rank_pattern": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 8},
+    "alpha_pattern": {"q_proj": 32, "down_proj": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def pattern_adapter_dir(tmp_path_factory):
+    """A PEFT adapter for the tiny Llama on all seven projections with rank_pattern and alpha_pattern."""
+    path = tmp_path_factory.mktemp("pattern-adapter")
+    return save_peft_adapter(path, r=4, lora_alpha=8, seed=6, **PATTERNS)

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import (
+    PATTERNS,
     TARGETS,
     assert_inference_like_peft,
     build_tiny,
@@ -274,12 +275,109 @@ def test_bad_adapter_files_give_clear_errors_and_change_nothing(damage, error, m
     save_adapter(ours, tmp_path)
     damage(tmp_path)
     files = _files_digest(tmp_path)
-    for model in (build_tiny("llama"), _trained("llama")[0]):  # fresh base, and one that has LoRA
+    _assert_refused_without_change(tmp_path, error, match)
+    assert _files_digest(tmp_path) == files
+
+
+def _assert_refused_without_change(path, error, match):
+    """load_adapter(path) raises `error` for a fresh base and for a model with LoRA, changing neither."""
+    for model in (build_tiny("llama"), _trained("llama")[0]):
         digest = _model_digest(model)
         with pytest.raises(error, match=match):
-            load_adapter(model, tmp_path)
+            load_adapter(model, path)
         _assert_same_model(model, digest)
-    assert _files_digest(tmp_path) == files
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg | changes))
+    return folder
+
+
+def _edit_first_tensor(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / WEIGHTS_NAME)
+    key = sorted(tensors)[0]
+    tensors[key] = edit(tensors[key].clone())
+    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    return folder
+
+
+def _set_one(value):
+    def edit(t):
+        t.view(-1)[3] = value
+        return t
+
+    return edit
+
+
+def _staging_copy(folder):
+    staging = folder.parent / f".{folder.name}.lora-lab-saving-1-abcd"
+    shutil.copytree(folder, staging)
+    return staging
+
+
+# (what to do to a saved adapter folder -> the path to load, expected error, message fragment)
+BAD_ADAPTER_PATHS = {
+    "nan_in_a_tensor": (
+        lambda f: _edit_first_tensor(f, _set_one(float("nan"))),
+        ValueError,
+        "1 NaN/inf value",
+    ),
+    "inf_in_a_tensor": (lambda f: _edit_first_tensor(f, _set_one(float("inf"))), ValueError, "diverged"),
+    "int_tensor": (lambda f: _edit_first_tensor(f, lambda t: t.long()), ValueError, "not a float tensor"),
+    "3d_tensor": (lambda f: _edit_first_tensor(f, lambda t: t[None]), ValueError, "must be 2-D"),
+    "config_r_8_tensors_r_4": (
+        lambda f: _edit_config(f, r=8, lora_alpha=16),
+        ValueError,
+        r"rank-4 tensors .* says r=8",
+    ),
+    "alpha_inf": (lambda f: _edit_config(f, lora_alpha=float("inf")), ValueError, "positive finite number"),
+    "rank_pattern_zero": (
+        lambda f: _edit_config(f, rank_pattern={"q_proj": 0}),
+        ValueError,
+        r"rank_pattern\['q_proj'\]",
+    ),
+    "rank_pattern_list": (
+        lambda f: _edit_config(f, rank_pattern=["q_proj"]),
+        ValueError,
+        "rank_pattern must be a dict",
+    ),
+    "path_to_weights_file": (
+        lambda f: f / WEIGHTS_NAME,
+        FileNotFoundError,
+        "is a file.*pass the folder that holds it",
+    ),
+    "path_to_config_file": (
+        lambda f: f / CONFIG_NAME,
+        FileNotFoundError,
+        "is a file.*pass the folder that holds it",
+    ),
+    "leftover_of_a_killed_save": (_staging_copy, ValueError, "interrupted save_adapter"),
+    "path_is_none": (lambda f: None, TypeError, "must be a folder path"),
+}
+
+
+@pytest.mark.parametrize(
+    "damage, error, match", list(BAD_ADAPTER_PATHS.values()), ids=list(BAD_ADAPTER_PATHS)
+)
+def test_bad_adapter_paths_and_values_are_refused_and_change_nothing(damage, error, match, tmp_path):
+    folder = tmp_path / "adapter"
+    save_adapter(_trained("llama")[0], folder)
+    path = damage(folder)
+    files = _files_digest(folder)
+    _assert_refused_without_change(path, error, match)
+    assert _files_digest(folder) == files
+
+
+def test_save_into_the_working_directory_is_refused(tmp_path, monkeypatch):
+    """A save replaces the whole folder; the folder the process runs in cannot be swapped away."""
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="current working directory.*save into a subfolder"):
+        save_adapter(_trained("llama")[0], ".")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_missing_folder(tmp_path):
@@ -370,3 +468,46 @@ def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_adapter(tmp_path)
     assert set(seen) == {0, 1}  # the kills did land during saves
     save_adapter(models[1], folder)  # the next save removes what killed saves left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "ref0", "ref1"]
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_rank_and_alpha_patterns_round_trip_with_peft(tmp_path, use_rslora):
+    """PEFT writes rank_pattern / alpha_pattern -> lora_lab loads it equal to from_pretrained -> lora_lab
+    saves it -> PEFT loads that equal again, with the same patterns in adapter_config.json."""
+    torch.manual_seed(7)
+    peft_config = to_peft_config(
+        LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights=False),
+        use_rslora=use_rslora,
+        **PATTERNS,
+    )
+    get_peft_model(build_tiny("llama"), peft_config).save_pretrained(tmp_path / "peft")
+    ours = load_adapter(build_tiny("llama"), tmp_path / "peft")
+    layers = dict(lora_layers(ours))
+    assert (
+        layers["model.layers.0.self_attn.v_proj"].r == 2 and layers["model.layers.1.self_attn.q_proj"].r == 8
+    )
+    assert layers["model.layers.0.self_attn.q_proj"].lora_alpha == 32
+    ids = tiny_inputs(ours, batch=2, seq=10)
+    theirs = PeftModel.from_pretrained(build_tiny("llama"), tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=1e-6, rtol=0)
+    save_adapter(ours, tmp_path / "ours")
+    back = PeftModel.from_pretrained(build_tiny("llama"), tmp_path / "ours")
+    torch.testing.assert_close(_logits(back, ids), _logits(theirs, ids), atol=1e-6, rtol=0)
+    written = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
+    assert {k: written[k] for k in PATTERNS} == PATTERNS
+
+
+def test_add_lora_with_patterns_saves_what_peft_builds(tmp_path):
+    """add_lora with rank_pattern / alpha_pattern builds the layers PEFT builds; the saved file loads in PEFT."""
+    config = LoRAConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights=False, **PATTERNS
+    )
+    torch.manual_seed(8)
+    ours = add_lora(build_tiny("llama"), config)
+    theirs = get_peft_model(build_tiny("llama"), to_peft_config(config, **PATTERNS))
+    assert copy_lora_into_peft(ours, theirs) == 2 * 14  # same names and shapes everywhere
+    save_adapter(ours, tmp_path)
+    ids = tiny_inputs(ours)
+    loaded = PeftModel.from_pretrained(build_tiny("llama"), tmp_path)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(theirs.eval(), ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(ours, ids), _logits(loaded, ids), atol=1e-6, rtol=0)

@@ -207,3 +207,16 @@ def test_bundled_model_mixed_generation(tmp_path):
     for prompt, name, text in zip(prompts, names, mixed):
         assert text == serving.generate_text(registry, tokenizer, [prompt], [name], max_new_tokens=12)[0]
     assert len(set(mixed[:3])) == 3  # q, all and base answer differently
+
+
+def test_mixed_batch_with_rank_and_alpha_patterns_equals_each_request_alone(
+    adapter_dirs, pattern_adapter_dir
+):
+    registry = _registry(adapter_dirs)
+    registry.load("p", pattern_adapter_dir)
+    names = ["p", "a", None, "p", "c"]
+    rows, input_ids, mask = _prompts(n=len(names))
+    mixed = serving.forward(registry, input_ids, names, attention_mask=mask)
+    for i, (name, row) in enumerate(zip(names, rows)):
+        alone = _alone_logits(registry, name, row)
+        torch.testing.assert_close(mixed[i, -len(row) :], alone, atol=ATOL, rtol=0)
