@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 
 from lora_lab import data
+from lora_lab.models import check_generation_length
 
 __all__ = [
     "sql_shape",
@@ -43,6 +44,13 @@ __all__ = [
 MAX_NEW_TOKENS = {"support": 48, "sql": 64, "shift": 24}
 
 
+def _check_positive_int(name: str, value, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"{name} must be a positive integer{' ' + alternative if alternative else ''}, got {value!r}"
+        )
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -52,7 +60,11 @@ def perplexity(model, tokenizer, texts_or_split="validation", *, seq_len: int = 
                limit: int | None = None) -> float:  # fmt: skip
     """Perplexity of `model` on a corpus split name or a list of strings (each ends with the eos token)."""
     texts = data.load_corpus(texts_or_split) if isinstance(texts_or_split, str) else list(texts_or_split)
+    _check_positive_int("batch_size", batch_size)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2 (a next token to predict), got {seq_len!r}")
     if limit is not None:
+        _check_positive_int("limit", limit, "or None for all texts")
         texts = texts[:limit]
     if not texts:
         raise ValueError("no texts to score: pass a non-empty list or a corpus split name")
@@ -84,12 +96,18 @@ def generate_answers(model, tokenizer, prompts: list, *, batch_size: int = 32, m
 
     Batched with left padding; generation stops at the eos token. Returns the decoded new text only.
     """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list (one prompt per item), not one string; wrap it: [prompt]")
+    _check_positive_int("batch_size", batch_size)
     texts = [
         p
         if isinstance(p, str)
         else tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
         for p in prompts
     ]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    longest = max((len(ids) for ids in encoded), default=0)
+    check_generation_length(model, longest, max_new_tokens)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -294,6 +312,7 @@ def task_accuracy(model, tokenizer, task: str, split: str = "test", limit: int |
     """
     examples = data.load_task(task, split)
     if limit is not None:
+        _check_positive_int("limit", limit, "or None for the whole split")
         examples = examples[:limit]
     answers = generate_answers(
         model, tokenizer, [ex["messages"][:-1] for ex in examples], batch_size=batch_size,

@@ -154,6 +154,21 @@ def load_base(
     return model, tokenizer
 
 
+def check_generation_length(model, prompt_tokens: int, max_new_tokens) -> None:
+    """ValueError unless max_new_tokens is a positive int and prompt + new tokens fit the model's positions.
+
+    Past `max_position_embeddings` a RoPE model does not fail: it silently produces garbage.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"{limit} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens"
+        )
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with `requires_grad`)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_lab.layers import base_in_out_features
+from lora_lab.models import check_generation_length
 
 if TYPE_CHECKING:  # only for type hints: registry imports this module
     from lora_lab.registry import AdapterRegistry
@@ -285,8 +286,7 @@ def generate(
     """
     _check_names(registry, adapter_names)
     _check_rows(input_ids, adapter_names)
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    check_generation_length(registry.model, input_ids.shape[1], max_new_tokens)  # positive, fits positions
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError(
             "a prompt ends with padding: pad on the left (tokenizer.padding_side = 'left') to generate"

@@ -147,3 +147,56 @@ def test_generation_is_batched_and_deterministic(base):
     batched = evaluate.generate_answers(model, tok, prompts, batch_size=6, max_new_tokens=5, progress=False)
     assert one == batched
     assert tok.padding_side == "left"
+
+
+def _short_model():
+    """The test suite's tiny Llama (64 positions): generation is refused before it runs, so its
+    vocabulary never has to match the tokenizer's."""
+    from conftest import build_tiny
+
+    return build_tiny("llama")
+
+
+BAD_EVALUATIONS = {
+    "task_accuracy_limit_0": (
+        lambda m, t: evaluate.task_accuracy(m, t, "sql", limit=0),
+        "limit must be a positive integer",
+    ),
+    "task_accuracy_limit_true": (
+        lambda m, t: evaluate.task_accuracy(m, t, "sql", limit=True),
+        "limit must be a positive",
+    ),
+    "prompt_longer_than_positions": (
+        lambda m, t: evaluate.generate_answers(m, t, ["word " * 80], max_new_tokens=4, progress=False),
+        r"prompt of \d+ tokens plus max_new_tokens=4 exceeds the model's 64 positions",
+    ),
+    "prompt_plus_new_tokens_too_long": (
+        lambda m, t: evaluate.generate_answers(m, t, ["word " * 30], max_new_tokens=48, progress=False),
+        "exceeds the model's 64 positions.*lower max_new_tokens",
+    ),
+    "max_new_tokens_0": (
+        lambda m, t: evaluate.generate_answers(m, t, ["hi"], max_new_tokens=0),
+        "max_new_tokens must be",
+    ),
+    "batch_size_0": (
+        lambda m, t: evaluate.generate_answers(m, t, ["hi"], batch_size=0),
+        "batch_size must be a positive",
+    ),
+    "one_string_as_prompts": (lambda m, t: evaluate.generate_answers(m, t, "hi"), "not one string"),
+    "perplexity_seq_len_1": (
+        lambda m, t: evaluate.perplexity(m, t, ["a b"], seq_len=1),
+        "seq_len must be an integer >= 2",
+    ),
+    "perplexity_limit_0": (
+        lambda m, t: evaluate.perplexity(m, t, ["a b"], limit=0),
+        "limit must be a positive",
+    ),
+}
+
+
+@pytest.mark.parametrize("call, match", list(BAD_EVALUATIONS.values()), ids=list(BAD_EVALUATIONS))
+def test_bad_evaluation_arguments_are_refused_before_generating(base, call, match):
+    _, tok = base
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(_short_model(), tok)
+    assert tok.padding_side == "left"

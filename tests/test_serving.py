@@ -220,3 +220,20 @@ def test_mixed_batch_with_rank_and_alpha_patterns_equals_each_request_alone(
     for i, (name, row) in enumerate(zip(names, rows)):
         alone = _alone_logits(registry, name, row)
         torch.testing.assert_close(mixed[i, -len(row) :], alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "width, max_new_tokens, match",
+    [
+        (60, 10, "prompt of 60 tokens plus max_new_tokens=10 exceeds the model's 64 positions"),
+        (8, True, "max_new_tokens must be a positive integer"),
+        (8, 0, "max_new_tokens must be a positive integer"),
+    ],
+    ids=["longer_than_positions", "max_new_tokens_true", "max_new_tokens_0"],
+)
+def test_generation_that_cannot_fit_is_refused(adapter_dirs, width, max_new_tokens, match):
+    registry = _registry(adapter_dirs)
+    ids = torch.randint(3, 128, (3, width), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        serving.generate(registry, ids, ["a", None, "b"], max_new_tokens=max_new_tokens)
+    assert registry.open_mixed_batches == 0
