@@ -157,41 +157,22 @@ def _short_model():
     return build_tiny("llama")
 
 
+def _answers(prompts, **kwargs):
+    """A call of generate_answers with these prompts and arguments, for the table below."""
+    return lambda model, tok: evaluate.generate_answers(model, tok, prompts, progress=False, **kwargs)
+
+
 BAD_EVALUATIONS = {
-    "task_accuracy_limit_0": (
-        lambda m, t: evaluate.task_accuracy(m, t, "sql", limit=0),
-        "limit must be a positive integer",
-    ),
-    "task_accuracy_limit_true": (
-        lambda m, t: evaluate.task_accuracy(m, t, "sql", limit=True),
-        "limit must be a positive",
-    ),
-    "prompt_longer_than_positions": (
-        lambda m, t: evaluate.generate_answers(m, t, ["word " * 80], max_new_tokens=4, progress=False),
-        r"prompt of \d+ tokens plus max_new_tokens=4 exceeds the model's 64 positions",
-    ),
-    "prompt_plus_new_tokens_too_long": (
-        lambda m, t: evaluate.generate_answers(m, t, ["word " * 30], max_new_tokens=48, progress=False),
-        "exceeds the model's 64 positions.*lower max_new_tokens",
-    ),
-    "max_new_tokens_0": (
-        lambda m, t: evaluate.generate_answers(m, t, ["hi"], max_new_tokens=0),
-        "max_new_tokens must be",
-    ),
-    "batch_size_0": (
-        lambda m, t: evaluate.generate_answers(m, t, ["hi"], batch_size=0),
-        "batch_size must be a positive",
-    ),
-    "one_string_as_prompts": (lambda m, t: evaluate.generate_answers(m, t, "hi"), "not one string"),
-    "perplexity_seq_len_1": (
-        lambda m, t: evaluate.perplexity(m, t, ["a b"], seq_len=1),
-        "seq_len must be an integer >= 2",
-    ),
-    "perplexity_limit_0": (
-        lambda m, t: evaluate.perplexity(m, t, ["a b"], limit=0),
-        "limit must be a positive",
-    ),
-}
+    "task_accuracy_limit_0": (lambda m, t: evaluate.task_accuracy(m, t, "sql", limit=0), "limit must be a positive integer"),
+    "task_accuracy_limit_true": (lambda m, t: evaluate.task_accuracy(m, t, "sql", limit=True), "limit must be a positive"),
+    "prompt_longer_than_positions": (_answers(["word " * 80], max_new_tokens=4), r"prompt of \d+ tokens plus max_new_tokens=4 exceeds the model's 64 positions"),
+    "prompt_plus_new_tokens_too_long": (_answers(["word " * 30], max_new_tokens=48), "exceeds the model's 64 positions.*lower max_new_tokens"),
+    "max_new_tokens_0": (_answers(["hi"], max_new_tokens=0), "max_new_tokens must be"),
+    "batch_size_0": (_answers(["hi"], batch_size=0), "batch_size must be a positive"),
+    "one_string_as_prompts": (_answers("hi"), "not one string"),
+    "perplexity_seq_len_1": (lambda m, t: evaluate.perplexity(m, t, ["a b"], seq_len=1), "seq_len must be an integer >= 2"),
+    "perplexity_limit_0": (lambda m, t: evaluate.perplexity(m, t, ["a b"], limit=0), "limit must be a positive"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("call, match", list(BAD_EVALUATIONS.values()), ids=list(BAD_EVALUATIONS))
