@@ -246,3 +246,31 @@ def pattern_adapter_dir(tmp_path_factory):
     """A PEFT adapter for the tiny Llama on all seven projections with rank_pattern and alpha_pattern."""
     path = tmp_path_factory.mktemp("pattern-adapter")
     return save_peft_adapter(path, r=4, lora_alpha=8, seed=6, **PATTERNS)
+
+
+# ---------------------------------------------------------------------------- hypothesis strategies
+# (added for issue 15: property tests of adapters, merging and mixed batches on the tiny Llama)
+
+
+def lora_configs():
+    """Plain LoRA settings for the tiny Llama: ranks, alphas, rsLoRA, target subsets, a rank pattern."""
+    from hypothesis import strategies as st
+
+    from lora_lab.inject import LoRAConfig
+
+    @st.composite
+    def build(draw):
+        targets = draw(st.lists(st.sampled_from(TARGETS["llama"]), min_size=1, max_size=4, unique=True))
+        use_rslora = draw(st.booleans())
+        pattern = {} if use_rslora else draw(st.sampled_from([{}, {targets[0]: 2}]))  # PEFT: not with rsLoRA
+        return LoRAConfig(
+            r=draw(st.sampled_from([1, 2, 4, 8])),
+            lora_alpha=draw(st.sampled_from([0.5, 1, 8, 16.0, 64])),
+            lora_dropout=draw(st.sampled_from([0.0, 0.1])),
+            target_modules=targets,
+            use_rslora=use_rslora,
+            init_lora_weights=False,
+            rank_pattern=pattern,
+        )
+
+    return build()

@@ -14,9 +14,12 @@ from conftest import (
     assert_inference_like_peft,
     build_tiny,
     copy_lora_into_peft,
+    lora_configs,
     tiny_inputs,
     to_peft_config,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 
@@ -511,3 +514,27 @@ def test_add_lora_with_patterns_saves_what_peft_builds(tmp_path):
     loaded = PeftModel.from_pretrained(build_tiny("llama"), tmp_path)
     torch.testing.assert_close(_logits(loaded, ids), _logits(theirs.eval(), ids), atol=1e-6, rtol=0)
     torch.testing.assert_close(_logits(ours, ids), _logits(loaded, ids), atol=1e-6, rtol=0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(config=lora_configs(), seed=st.integers(0, 1000))
+def test_save_then_load_gives_back_the_same_adapter(config, seed):
+    """Property: any adapter saved and loaded into a fresh base has the same tensors, ranks, scalings and
+    logits (eval mode, so dropout never matters)."""
+    import tempfile
+
+    torch.manual_seed(seed)
+    ours = add_lora(build_tiny("llama"), config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(ours, tmp)
+        loaded = load_adapter(build_tiny("llama"), tmp)
+    mine, theirs = dict(lora_layers(ours)), dict(lora_layers(loaded))
+    assert mine.keys() == theirs.keys()
+    for name, layer in mine.items():
+        other = theirs[name]
+        assert (other.r, other.scaling) == (layer.r, layer.scaling)
+        assert torch.equal(other.lora_A.weight, layer.lora_A.weight) and torch.equal(
+            other.lora_B.weight, layer.lora_B.weight
+        )
+    ids = tiny_inputs(ours)
+    assert torch.equal(_logits(loaded, ids), _logits(ours, ids))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TARGETS, build_tiny, save_peft_adapter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peft import PeftModel
 
 from lora_lab import serving
@@ -237,3 +239,18 @@ def test_generation_that_cannot_fit_is_refused(adapter_dirs, width, max_new_toke
     with pytest.raises(ValueError, match=match):
         serving.generate(registry, ids, ["a", None, "b"], max_new_tokens=max_new_tokens)
     assert registry.open_mixed_batches == 0
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    names=st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=5), seed=st.integers(0, 100)
+)
+def test_any_mixed_batch_equals_its_requests_one_by_one(adapter_dirs, names, seed):
+    """Property: whatever adapter each row asks for, a mixed batch gives every row the logits it gets alone."""
+    registry = _registry(adapter_dirs)
+    rows, input_ids, mask = _prompts(n=len(names), seed=seed)
+    mixed = serving.forward(registry, input_ids, names, attention_mask=mask)
+    for i, (name, row) in enumerate(zip(names, rows)):
+        torch.testing.assert_close(
+            mixed[i, -len(row) :], _alone_logits(registry, name, row), atol=ATOL, rtol=0
+        )
