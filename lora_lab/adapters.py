@@ -19,9 +19,10 @@ model, so an error leaves the model as it was. Pickle files (`adapter_model.bin`
 when loaded: they are refused unless `allow_pickle=True`, and then read with
 `torch.load(weights_only=True)`.
 
+Per-layer ranks and alphas (`rank_pattern` / `alpha_pattern`, as PEFT writes them) load and save.
+
 Left out: several adapters per folder or per model (registries and switching build on
-`read_adapter`), DoRA magnitudes, embedding LoRA, `modules_to_save`, `rank_pattern` /
-`alpha_pattern`.
+`read_adapter`), DoRA magnitudes, embedding LoRA, `modules_to_save`.
 
 References: PEFT `utils/save_and_load.py` (`get_peft_model_state_dict`, `load_peft_weights`),
 `config.py` (`PeftConfigMixin.save_pretrained`), `utils/constants.py` (file names);
@@ -30,9 +31,12 @@ the safetensors format (https://github.com/huggingface/safetensors).
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,6 +59,7 @@ __all__ = [
     "adapter_config_dict",
     "config_from_dict",
     "split_peft_key",
+    "check_lora_tensor",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -105,7 +110,7 @@ def adapter_config_dict(
 ) -> dict:
     """The adapter_config.json content: PEFT's keys for a plain LoRA adapter, with PEFT's defaults."""
     return {
-        "alpha_pattern": {},
+        "alpha_pattern": dict(config.alpha_pattern),
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
         "bias": config.bias,
@@ -121,7 +126,7 @@ def adapter_config_dict(
         "modules_to_save": None,
         "peft_type": "LORA",
         "r": config.r,
-        "rank_pattern": {},
+        "rank_pattern": dict(config.rank_pattern),
         "revision": None,
         "target_modules": target_modules,
         "task_type": "CAUSAL_LM",
@@ -135,8 +140,6 @@ _UNSUPPORTED = {
     "use_dora": (False, None),
     "lora_bias": (False, None),
     "modules_to_save": (None, []),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
     "layers_to_transform": (None, []),
     "layer_replication": (None, []),
     "target_parameters": (None, []),
@@ -174,6 +177,8 @@ def config_from_dict(config: dict, where: str = "adapter_config.json") -> LoRACo
             use_rslora=config.get("use_rslora", False),
             init_lora_weights=init if init in (True, False, "gaussian") else True,  # A/B come from the file
             bias=config.get("bias", "none"),
+            rank_pattern=config.get("rank_pattern") or {},
+            alpha_pattern=config.get("alpha_pattern") or {},
         )
     except (ValueError, TypeError) as err:
         raise ValueError(f"{where} is not a valid LoRA config: {err}") from None
@@ -191,29 +196,140 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+# A save writes the whole adapter into a hidden sibling folder, then swaps it in with one rename, so
+# the folder is always entirely the old adapter or entirely the new one, even after a SIGKILL.
+STAGING_MARK = ".lora-lab-saving-"  # .<folder>.lora-lab-saving-<pid>-<hex>: a save in progress
+OLD_MARK = ".lora-lab-old-"  # .<folder>.lora-lab-old-<pid>-<hex>: the old folder while it is swapped out
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk (folders cannot be opened on some systems: skipped there)."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
-def save_adapter(
-    model: nn.Module,
-    path: str | os.PathLike,
-    config: LoRAConfig | None = None,
-    base_model_name_or_path: str | None = None,
-) -> Path:
-    """Write the model's LoRA weights and config to `path/` in PEFT's format; returns the folder.
+def _rename_exchange():
+    """Linux renameat2(RENAME_EXCHANGE) (swaps two paths in one step), or None where it is missing."""
+    try:
+        import ctypes
 
-    config defaults to the one add_lora stored (`model.lora_config`). base_model_name_or_path
-    defaults to `model.name_or_path` as PEFT does (None if the model has none).
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError, ImportError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+
+    def exchange(a: Path, b: Path) -> bool:
+        at_fdcwd, rename_exchange = -100, 2
+        if function(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot swap
+            return False
+        raise OSError(err, os.strerror(err), str(b))
+
+    return exchange
+
+
+_EXCHANGE = _rename_exchange()
+
+
+def _sibling(folder: Path, mark: str) -> Path:
+    return folder.parent / f".{folder.name}{mark}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _owner_alive(name: str, mark: str) -> bool:
+    """Whether the process that made a staging/old folder (pid in its name) still runs."""
+    try:
+        pid = int(name.split(mark, 1)[1].split("-", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except (PermissionError, OSError):
+        return True
+    return pid != os.getpid()
+
+
+def _clean_leftovers(folder: Path) -> None:
+    """Remove what interrupted saves into `folder` left behind (their process is gone).
+
+    An old folder that was swapped out but never replaced (only without renameat2) goes back.
     """
+    prefix = f".{folder.name}"
+    for path in sorted(folder.parent.glob(f"{glob.escape(prefix)}.lora-lab-*")):
+        mark = STAGING_MARK if STAGING_MARK in path.name else OLD_MARK
+        if mark not in path.name or _owner_alive(path.name, mark):
+            continue
+        if mark == OLD_MARK and not folder.exists():
+            os.rename(path, folder)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # a hard link: no bytes copied
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_adapter_folder(folder: Path, tensors: dict[str, torch.Tensor], content: dict) -> Path:
+    """Write an adapter folder so that it changes as one unit (see STAGING_MARK); returns the folder.
+
+    Files in an existing folder other than the adapter's own (a README, metrics.json, subfolders)
+    are carried over as hard links. On Linux the swap is one renameat2(RENAME_EXCHANGE); elsewhere
+    two renames, where an interruption between them leaves the old folder under OLD_MARK, put back
+    by the next save.
+    """
+    folder = folder.resolve() if folder.is_symlink() else folder
+    if Path.cwd().resolve().is_relative_to(folder.resolve()):
+        raise ValueError(
+            f"cannot save into {folder}: it is (or holds) the current working directory, and a save replaces "
+            "the whole folder; save into a subfolder such as ./adapter"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(folder)
+    staging = _sibling(folder, STAGING_MARK)
+    try:
+        if folder.is_dir():
+            shutil.copytree(folder, staging, symlinks=True, copy_function=_link_or_copy,
+                            ignore=lambda d, names: ADAPTER_FILES if Path(d) == folder else ())  # fmt: skip
+        else:
+            staging.mkdir()
+        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        text = json.dumps(content, indent=2, sort_keys=True)  # byte for byte how PEFT writes it
+        (staging / CONFIG_NAME).write_text(text, encoding="utf-8")
+        for path in (staging / WEIGHTS_NAME, staging / CONFIG_NAME, staging):
+            _fsync(path)
+        if not folder.exists():
+            os.rename(staging, folder)
+        elif _EXCHANGE is not None and _EXCHANGE(staging, folder):
+            pass  # staging now holds the old folder
+        else:
+            old = _sibling(folder, OLD_MARK)
+            os.rename(folder, old)
+            os.rename(staging, folder)
+            os.rename(old, staging)
+        _fsync(folder.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _adapter_files(
+    model: nn.Module, config: LoRAConfig | None, base_model_name_or_path: str | None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Check a model for saving; return (tensors, adapter_config.json content)."""
     config = config if config is not None else getattr(model, "lora_config", None)
     if not isinstance(config, LoRAConfig):
         raise ValueError("no LoRAConfig given and the model has none (add_lora stores it); pass config=...")
@@ -228,38 +344,78 @@ def save_adapter(
             "(the saved A and B would otherwise be applied twice when loaded)"
         )
     wrong = [
-        (n, layer.r, layer.lora_alpha)
+        (n, layer.r, layer.lora_alpha, config.rank_alpha_for(n))
         for n, layer in layers
-        if (layer.r, layer.lora_alpha) != (config.r, config.lora_alpha)
+        if (layer.r, layer.lora_alpha) != config.rank_alpha_for(n)
     ]
     if wrong:
-        n, r, alpha = wrong[0]
+        n, r, alpha, (want_r, want_alpha) = wrong[0]
         raise ValueError(
-            f"layer {n} has r={r}, lora_alpha={alpha} but the config says r={config.r}, "
-            f"lora_alpha={config.lora_alpha}; pass the config the model was built with"
+            f"layer {n} has r={r}, lora_alpha={alpha} but the config says r={want_r}, "
+            f"lora_alpha={want_alpha} for it; pass the config the model was built with (with its "
+            "rank_pattern / alpha_pattern)"
         )
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder; an adapter is saved as a folder")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    names = [n for n, _ in layers]
     content = adapter_config_dict(
         config,
-        _targets_for_file(model, config, names),
+        _targets_for_file(model, config, [n for n, _ in layers]),
         fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
         base_model_name_or_path=str(base_model_name_or_path) if base_model_name_or_path is not None else None,
     )
-    tensors = adapter_state_dict(model)
+    return adapter_state_dict(model), content
 
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(content, indent=2, sort_keys=True)  # byte for byte how PEFT writes it
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: LoRAConfig | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write the model's LoRA weights and config to `path/` in PEFT's format; returns the folder.
+
+    config defaults to the one add_lora stored (`model.lora_config`). base_model_name_or_path
+    defaults to `model.name_or_path` as PEFT does (None if the model has none). The folder changes
+    as one unit: an interrupted save leaves it entirely old or entirely new, never mixed.
+    """
+    folder = _save_target(path)
+    tensors, content = _adapter_files(model, config, base_model_name_or_path)
+    return _write_adapter_folder(folder, tensors, content)
+
+
+def _save_target(path: str | os.PathLike) -> Path:
+    """The folder to save into; FileExistsError if a file is in the way."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; an adapter is saved as a folder")
     return folder
 
 
 # ---------------------------------------------------------------------------- reading and loading
+
+
+def _adapter_folder(path) -> Path:
+    """The adapter folder `path` names, or a FileNotFoundError/ValueError that says what to pass."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder path (str or Path), got {type(path).__name__}")
+    folder = Path(path)
+    if folder.is_file():
+        hint = (
+            f"pass the folder that holds it: {folder.parent}"
+            if folder.name in ADAPTER_FILES
+            else f"pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+        raise FileNotFoundError(f"{folder} is a file, but an adapter is a folder; {hint}")
+    if STAGING_MARK in folder.name or OLD_MARK in folder.name:
+        raise ValueError(
+            f"{folder} is a temporary folder of an interrupted save_adapter, not an adapter; load the folder "
+            "it was saving to (the next save into that folder removes this one)"
+        )
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    return folder
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -268,11 +424,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[d
     Prefers adapter_model.safetensors; falls back to adapter_model.bin only with allow_pickle=True.
     Raises FileNotFoundError for missing files and ValueError for truncated or corrupted ones.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
-        )
+    folder = _adapter_folder(path)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(
@@ -318,6 +470,40 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[d
     return config, tensors
 
 
+def check_lora_tensor(tensor: torch.Tensor, name: str, where: str) -> None:
+    """ValueError unless `tensor` is a float tensor of finite values (one check for every loading path).
+
+    A NaN or inf in A or B turns every logit NaN; it comes from a diverged run or a damaged file.
+    """
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(
+            f"{name} in {where} is {tensor.dtype}, not a float tensor; the file is not a LoRA adapter"
+        )
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(
+            f"{name} in {where} has {bad} NaN/inf value(s): the adapter is broken (a diverged training run or "
+            "a damaged file). Retrain it with a lower learning rate, or load an earlier checkpoint."
+        )
+
+
+def _check_file_rank(pair: dict[str, torch.Tensor], name: str, r: int, where: str) -> None:
+    """ValueError when A and B agree on a rank that is not the config's: config and weights don't belong together."""
+    weight_A, weight_B = pair["lora_A"], pair["lora_B"]
+    if weight_A.dim() != 2 or weight_B.dim() != 2:
+        raise ValueError(
+            f"{name} in {where}: lora_A and lora_B must be 2-D ([r, in] and [out, r]), got shapes "
+            f"{list(weight_A.shape)} and {list(weight_B.shape)}; the file is not a LoRA adapter"
+        )
+    file_r = weight_A.shape[0]
+    if file_r == weight_B.shape[1] and file_r != r:
+        raise ValueError(
+            f"the adapter in {where} has rank-{file_r} tensors for {name} but its adapter_config.json says "
+            f"r={r} there: the config does not belong to these weights. Save the adapter again, or fix r / "
+            "rank_pattern in adapter_config.json."
+        )
+
+
 def _plan(
     model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], where: str
 ) -> dict[str, dict]:
@@ -347,12 +533,14 @@ def _plan(
             "missing); the file is incomplete or was saved for other target_modules"
         )
     for name in targets:
+        r = config.rank_alpha_for(name)[0]
+        _check_file_rank(by_layer[name], name, r, where)
         if name in injected:  # already has LoRA: the file must fit the existing A and B
             layer = injected[name]
-            if layer.r != config.r:
+            if layer.r != r:
                 raise ValueError(
-                    f"the adapter in {where} has r={config.r} but this model's LoRA layer {name} has r={layer.r}; "
-                    "remove_lora(model) first to load an adapter of another rank"
+                    f"the adapter in {where} has r={r} for {name} but this model's LoRA layer there has "
+                    f"r={layer.r}; remove_lora(model) first to load an adapter of another rank"
                 )
             in_f, out_f = layer.in_features, layer.out_features
             expected = {
@@ -361,7 +549,7 @@ def _plan(
             }
         else:
             in_f, out_f = base_in_out_features(model.get_submodule(name))
-            expected = {"lora_A": (config.r, in_f), "lora_B": (out_f, config.r)}
+            expected = {"lora_A": (r, in_f), "lora_B": (out_f, r)}
         for part, shape in expected.items():
             got = tuple(by_layer[name][part].shape)
             if got != shape:
@@ -370,10 +558,7 @@ def _plan(
                     f"file but this model needs {list(shape)} (in={in_f}, out={out_f}, r={shape[0] if part == 'lora_A' else shape[1]}). "
                     "The adapter was trained for another base model."
                 )
-            if not by_layer[name][part].dtype.is_floating_point:
-                raise ValueError(
-                    f"{name}.{part} in {where} is {by_layer[name][part].dtype}, not a float tensor"
-                )
+            check_lora_tensor(by_layer[name][part], f"{name}.{part}", where)
     return by_layer
 
 
@@ -384,7 +569,8 @@ def load_adapter(
 
     A model without LoRA gets LoRA layers per the adapter's config first; a model that already has
     LoRA layers (same layers, same shapes) gets its A and B overwritten. As with PEFT's
-    `from_pretrained`, the loaded adapter is frozen unless is_trainable=True.
+    `from_pretrained`, the loaded adapter is frozen and the model is put in eval mode (so LoRA
+    dropout is off and two identical forwards agree) unless is_trainable=True.
     Every check runs before the model is touched: on any error the model is unchanged.
     """
     where = str(path)
@@ -406,8 +592,10 @@ def load_adapter(
         for name, layer in lora_layers(model):
             layer.lora_A.weight.copy_(plan[name]["lora_A"])
             layer.lora_B.weight.copy_(plan[name]["lora_B"])
-            layer.lora_alpha, layer.use_rslora = config.lora_alpha, config.use_rslora
-            layer.scaling = lora_scaling(layer.r, config.lora_alpha, config.use_rslora)
+            layer.lora_alpha, layer.use_rslora = config.rank_alpha_for(name)[1], config.use_rslora
+            layer.scaling = lora_scaling(layer.r, layer.lora_alpha, config.use_rslora)
     for param_name, param in model.named_parameters():
         param.requires_grad = is_trainable and "lora_" in param_name
+    if not is_trainable:
+        model.eval()  # as PEFT's from_pretrained: LoRA dropout (and any other dropout) off for inference
     return model

@@ -157,8 +157,21 @@ def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
         raise ValueError(f"{source}: lr must be a positive number (e.g. 3.0e-3), got {cfg.lr!r}")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"{source}: unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-    if cfg.eval_limit is not None and (not isinstance(cfg.eval_limit, int) or cfg.eval_limit < 0):
-        raise ValueError(f"{source}: eval_limit must be null (all), 0 (skip) or a positive integer")
+    if cfg.eval_limit is not None and (
+        isinstance(cfg.eval_limit, bool) or not isinstance(cfg.eval_limit, int) or cfg.eval_limit < 0
+    ):
+        raise ValueError(
+            f"{source}: eval_limit must be null (all), 0 (skip) or a positive integer, got {cfg.eval_limit!r}"
+        )
+    if cfg.max_grad_norm is not None and not (cfg.max_grad_norm > 0 and math.isfinite(cfg.max_grad_norm)):
+        raise ValueError(
+            f"{source}: max_grad_norm must be a positive number (e.g. 1.0) or null for no clipping, got "
+            f"{cfg.max_grad_norm!r}; a negative norm flips the gradient and trains uphill"
+        )
+    for key in ("model", "train_file"):
+        value = getattr(cfg, key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise TypeError(f"{source}: {key} must be null or a path / name string, got {value!r}")
     if not isinstance(cfg.use_rslora, bool):
         raise TypeError(f"{source}: use_rslora must be true or false, got {cfg.use_rslora!r}")
     _lora_config(cfg)  # r, alpha, dropout and target_modules are checked by LoRAConfig itself
@@ -172,6 +185,8 @@ def load_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist; see configs/*.yaml for examples")
+    if not path.is_file():
+        raise IsADirectoryError(f"--config {path} is a folder; pass a YAML file in it, e.g. configs/sql.yaml")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -192,10 +207,12 @@ def _lora_config(cfg: TrainConfig):
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse a folder that already holds an adapter unless `overwrite` (nothing is deleted here)."""
+    """Refuse a folder that already holds an adapter unless `overwrite`, or that cannot be written
+    (checked by creating and removing a file where the folder is or will be); nothing is kept here."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output {path} exists and is a file; pass a folder with --output")
+    _check_writable(path)
     found = [name for name in ADAPTER_FILES if (path / name).exists()]
     if found and not overwrite:
         raise FileExistsError(
@@ -203,6 +220,24 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
             "or choose another folder with --output"
         )
     return path
+
+
+def _check_writable(path: Path) -> None:
+    """PermissionError/NotADirectoryError now, rather than after training, if `path` cannot be written."""
+    import tempfile
+
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"--output {path} cannot be created: {existing} is a file; choose another folder"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"--output {path} cannot be written ({existing}: {err.strerror or err}); choose a folder you can write to"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- data
@@ -236,13 +271,15 @@ def train_from_config(
     Runs under any number of processes (see the module docstring). Processes other than the main
     one return None.
     """
-    from lora_lab.data import load_jsonl, load_task
+    from lora_lab.data import load_chat_jsonl, load_task
+    from lora_lab.models import check_base
 
     # Check the cheap things first, on every process, before loading anything heavy.
     output = check_output_dir(output, overwrite)
-    examples = load_jsonl(cfg.train_file) if cfg.train_file else load_task(cfg.task, "train")
+    examples = load_chat_jsonl(cfg.train_file) if cfg.train_file else load_task(cfg.task, "train")
     if not examples:
         raise ValueError(f"no training examples in {cfg.train_file or cfg.task}; give a non-empty data set")
+    check_base(cfg.model)  # a missing folder, one without config.json, an unreachable Hub id
 
     import torch
     import torch.nn.functional as F
@@ -253,7 +290,7 @@ def train_from_config(
     from lora_lab.inject import add_lora, count_parameters
     from lora_lab.models import load_base
     from lora_lab.runtime import device, seed_everything
-    from lora_lab.train import collate, encode_example
+    from lora_lab.train import collate, encode_examples
 
     # accelerate only looks for CPU processes (torchrun's WORLD_SIZE, gloo) when told cpu=True;
     # on a GPU machine it finds the GPUs itself.
@@ -266,6 +303,7 @@ def train_from_config(
 
     seed_everything(cfg.seed)  # same seed everywhere: same A init (DDP broadcasts rank 0's anyway)
     model, tokenizer = load_base(cfg.model)
+    encoded = encode_examples(tokenizer, examples, cfg.seq_len)  # (ids, labels) per example with an answer
     model = add_lora(model, _lora_config(cfg))
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -276,7 +314,6 @@ def train_from_config(
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
-    encoded = [encode_example(tokenizer, ex, cfg.seq_len) for ex in examples]  # (ids, labels) per example
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses: list[float] = []
     start = time.perf_counter()
@@ -372,7 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         output = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
         train_from_config(cfg, output, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (
+        ValueError,
+        TypeError,
+        OSError,
+        FloatingPointError,
+    ) as err:  # OSError: files, folders, offline Hub
         print(f"lora-lab: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -46,6 +46,7 @@ __all__ = [
     "SHOP_NAME",
     "WORLD",
     "load_jsonl",
+    "load_chat_jsonl",
     "write_jsonl",
     "load_task",
     "load_corpus",
@@ -913,19 +914,63 @@ def load_jsonl(path: str | Path) -> list:
         raise FileNotFoundError(
             f"{path} does not exist; run `python -m lora_lab.data` to generate the data sets"
         )
+    return [row for _, row in _numbered_rows(path, "regenerate it with `python -m lora_lab.data`")]
+
+
+def _numbered_rows(path: Path, fix: str) -> list[tuple[int, object]]:
+    """(line number, parsed row) for every non-blank line; ValueError naming the file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((i, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(
-                    f"{path}, line {i}: not valid JSON ({e.msg}); the file is corrupted: "
-                    "regenerate it with `python -m lora_lab.data`"
+                    f"{path}, line {i}: not valid JSON ({e.msg}); the file is corrupted: {fix}"
                 ) from None
     return rows
+
+
+def load_chat_jsonl(path: str | Path) -> list[dict]:
+    """Read YOUR chat data set: JSONL rows of {"messages": [{"role", "content"}, ...]} ending with an
+    assistant turn (the answer to learn). Every row is checked first; an error names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"train file {path} {what}; pass a JSONL file of chat rows, e.g. "
+            '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+        )
+    rows = _numbered_rows(path, "fix or remove that line")
+    for i, row in rows:
+        problem = _chat_row_problem(row)
+        if problem:
+            raise ValueError(
+                f"{path}, line {i}: {problem}; each row must be "
+                '{"messages": [..., {"role": "assistant", "content": "the answer"}]}'
+            )
+    if not rows:
+        raise ValueError(f"{path} holds no rows; give a non-empty chat data set")
+    return [row for _, row in rows]
+
+
+def _chat_row_problem(row) -> str | None:
+    """What is wrong with one chat row, or None."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return "no non-empty 'messages' list"
+    for m in messages:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            return f"the message {m!r} is not {{'role': str, 'content': str}}"
+    if messages[-1]["role"] != "assistant":
+        return f"the last message has role {messages[-1]['role']!r}, not 'assistant' (there is no answer to learn)"
+    return None
 
 
 def _check_split(split: str) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lora_lab.inject import _set_submodule, add_lora, lora_layers
@@ -196,7 +196,7 @@ def save_dora_adapter(
 
     `peft.PeftModel.from_pretrained` loads the folder (vLLM does not serve DoRA: merge first).
     """
-    from lora_lab.adapters import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, _atomic_write, save_adapter
+    from lora_lab.adapters import PEFT_PREFIX, _adapter_files, _save_target, _write_adapter_folder
 
     layers = list(lora_layers(model))
     plain = [n for n, layer in layers if not isinstance(layer, DoRALinear)]
@@ -205,18 +205,14 @@ def save_dora_adapter(
             f"save_dora_adapter needs a model whose LoRA layers are all DoRALinear (add_dora); "
             f"{plain[0] if plain else 'no LoRA layer'} is not. Use adapters.save_adapter for plain LoRA."
         )
-    folder = save_adapter(model, path, base_model_name_or_path=base_model_name_or_path)
-    tensors = load_file(str(folder / WEIGHTS_NAME))
+    folder = _save_target(path)
+    tensors, content = _adapter_files(model, None, base_model_name_or_path)
     for name, layer in layers:
         tensors[f"{PEFT_PREFIX}{name}{MAGNITUDE_SUFFIX}"] = (
             layer.lora_magnitude_vector.detach().cpu().contiguous()
         )
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    config["use_dora"] = True
-    text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return folder
+    content["use_dora"] = True
+    return _write_adapter_folder(folder, tensors, content)  # one unit, as save_adapter
 
 
 def load_dora_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> nn.Module:
@@ -260,4 +256,6 @@ def load_dora_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: b
             layer.lora_magnitude_vector.copy_(magnitudes[name])
     for param_name, param in model.named_parameters():
         param.requires_grad = is_trainable and "lora_" in param_name
+    if not is_trainable:
+        model.eval()  # as PEFT's from_pretrained: dropout off for inference
     return model

@@ -16,11 +16,14 @@ from __future__ import annotations
 import math
 import re
 import sqlite3
+import time
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 
 from lora_lab import data
+from lora_lab.models import check_generation_length
 
 __all__ = [
     "sql_shape",
@@ -30,6 +33,7 @@ __all__ = [
     "task_accuracy",
     "generate_answers",
     "score_sql",
+    "run_sandboxed_sql",
     "score_support",
     "score_shift",
     "score_answer",
@@ -38,6 +42,13 @@ __all__ = [
 
 # Enough new tokens for the longest reference answer of each task (plus the end token).
 MAX_NEW_TOKENS = {"support": 48, "sql": 64, "shift": 24}
+
+
+def _check_positive_int(name: str, value, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"{name} must be a positive integer{' ' + alternative if alternative else ''}, got {value!r}"
+        )
 
 
 def _device(model) -> torch.device:
@@ -49,7 +60,11 @@ def perplexity(model, tokenizer, texts_or_split="validation", *, seq_len: int = 
                limit: int | None = None) -> float:  # fmt: skip
     """Perplexity of `model` on a corpus split name or a list of strings (each ends with the eos token)."""
     texts = data.load_corpus(texts_or_split) if isinstance(texts_or_split, str) else list(texts_or_split)
+    _check_positive_int("batch_size", batch_size)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2 (a next token to predict), got {seq_len!r}")
     if limit is not None:
+        _check_positive_int("limit", limit, "or None for all texts")
         texts = texts[:limit]
     if not texts:
         raise ValueError("no texts to score: pass a non-empty list or a corpus split name")
@@ -81,12 +96,18 @@ def generate_answers(model, tokenizer, prompts: list, *, batch_size: int = 32, m
 
     Batched with left padding; generation stops at the eos token. Returns the decoded new text only.
     """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list (one prompt per item), not one string; wrap it: [prompt]")
+    _check_positive_int("batch_size", batch_size)
     texts = [
         p
         if isinstance(p, str)
         else tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
         for p in prompts
     ]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    longest = max((len(ids) for ids in encoded), default=0)
+    check_generation_length(model, longest, max_new_tokens)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -142,33 +163,110 @@ def _normalize_rows(rows: list) -> list[tuple]:
     return [tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows]
 
 
+# The sandbox every scored query runs in. A model's SQL is untrusted input: it gets a private copy of
+# the database, may only read, and is stopped when it runs too long or builds values or heaps too big.
+SQL_TIME_LIMIT_S = 2.0  # wall-clock seconds per query (every reference query runs in milliseconds)
+SQL_MAX_VALUE_BYTES = 1_000_000  # longest string or blob a query may build (SQLITE_LIMIT_LENGTH)
+SQL_HEAP_BYTES = 64 * 2**20  # extra sqlite heap a query may take (sqlite3_hard_heap_limit64, if reachable)
+_READ_ONLY_ACTIONS = frozenset(
+    getattr(sqlite3, name)
+    for name in ("SQLITE_SELECT", "SQLITE_READ", "SQLITE_FUNCTION", "SQLITE_RECURSIVE")
+    if hasattr(sqlite3, name)
+)
+
+
+def _read_only(action: int, *_args) -> int:
+    """sqlite authorizer: SELECT, column reads, functions and recursive CTEs; everything else is denied
+    (PRAGMA, ATTACH, VACUUM INTO, writes, temp tables), so a query cannot undo the sandbox itself."""
+    return sqlite3.SQLITE_OK if action in _READ_ONLY_ACTIONS else sqlite3.SQLITE_DENY
+
+
+def _sqlite_heap_api():
+    """(hard_heap_limit64, memory_used) of the sqlite library Python uses, or None where unreachable."""
+    try:
+        import _sqlite3
+        import ctypes
+
+        lib = ctypes.CDLL(_sqlite3.__file__)
+        limit, used = lib.sqlite3_hard_heap_limit64, lib.sqlite3_memory_used
+    except (ImportError, OSError, AttributeError):
+        return None
+    limit.restype, limit.argtypes, used.restype = ctypes.c_int64, [ctypes.c_int64], ctypes.c_int64
+    return limit, used
+
+
+_HEAP_API = _sqlite_heap_api()
+
+
+@contextmanager
+def _heap_limit(extra_bytes: int):
+    """Cap sqlite's heap at what it uses now plus `extra_bytes` for the block (then restore the old cap).
+
+    The cap is process-wide in sqlite, so it is only held while one scored query runs.
+    """
+    if _HEAP_API is None:
+        yield
+        return
+    limit, used = _HEAP_API
+    previous = limit(used() + extra_bytes)
+    try:
+        yield
+    finally:
+        limit(previous)
+
+
+def _sandbox(db: sqlite3.Connection) -> sqlite3.Connection:
+    """A private in-memory copy of `db` that only reads and cannot attach files or build huge values."""
+    conn = sqlite3.connect(":memory:")
+    db.backup(conn)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SQL_MAX_VALUE_BYTES)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+    conn.execute("PRAGMA temp_store = MEMORY")  # sorts spill into the capped heap, not into temp files
+    conn.set_authorizer(_read_only)
+    return conn
+
+
+def run_sandboxed_sql(sql: str, db: sqlite3.Connection | None = None, max_rows: int | None = None) -> list:
+    """Rows of one query run in a sandbox: a private read-only copy of `db` (default: the shop database).
+
+    Limits: `SQL_TIME_LIMIT_S` wall-clock seconds, values up to `SQL_MAX_VALUE_BYTES`, at most
+    `SQL_HEAP_BYTES` of extra sqlite heap, at most `max_rows` rows fetched (more raise OverflowError).
+    Any write, PRAGMA, ATTACH or VACUUM raises sqlite3.DatabaseError; `db` itself is never touched.
+    """
+    conn = _sandbox(db if db is not None else _shop_db())
+    deadline = time.monotonic() + SQL_TIME_LIMIT_S
+    conn.set_progress_handler(lambda: time.monotonic() > deadline, 1000)  # non-zero: interrupt
+    try:
+        with _heap_limit(SQL_HEAP_BYTES):
+            cursor = conn.execute(sql)
+            rows = cursor.fetchall() if max_rows is None else cursor.fetchmany(max_rows + 1)
+    finally:
+        conn.close()
+    if max_rows is not None and len(rows) > max_rows:
+        raise OverflowError(f"the query returned more than {max_rows} rows")
+    return rows
+
+
 def score_sql(pred_sql: str, ref_sql: str, db: sqlite3.Connection | None = None) -> bool:
     """Execution accuracy: True if `pred_sql` returns the same rows as `ref_sql` on the shop database.
 
     Rows are compared as multisets (order ignored) unless the reference has ORDER BY. SQL that fails
-    to run, or more than one statement, scores False; it never raises. `db` defaults to a fresh
-    read-only in-memory database built from data/shop.sql.
+    to run, writes, runs too long, builds too much, or is more than one statement scores False; it
+    never raises. Both queries run in `run_sandboxed_sql`'s sandbox, each on a private copy of `db`
+    (default: the database built from data/shop.sql), so no query can change what the next one sees.
     """
-    db = db if db is not None else _shop_db()
+    if not isinstance(ref_sql, str):
+        raise TypeError(f"ref_sql must be a string of SQL, got {type(ref_sql).__name__}")
     try:
-        ref = _normalize_rows(db.execute(ref_sql).fetchall())
-    except sqlite3.Error as e:
-        raise ValueError(f"the reference query does not run: {e}: {ref_sql!r}") from None
+        ref = _normalize_rows(run_sandboxed_sql(ref_sql, db))
+    except (sqlite3.Error, OverflowError) as e:
+        raise ValueError(f"the reference query does not run in the sandbox: {e}: {ref_sql!r}") from None
     if not isinstance(pred_sql, str) or not pred_sql.strip():
         return False
-    counter = [0]
-
-    def _guard() -> int:  # abort runaway queries (e.g. a huge cross join) after ~10M VM steps
-        counter[0] += 1
-        return 1 if counter[0] > 10_000 else 0
-
-    db.set_progress_handler(_guard, 1000)
-    try:
-        got = _normalize_rows(db.execute(pred_sql.strip()).fetchall())
-    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError):
+    try:  # a prediction with more rows than the reference is wrong; it is not fetched further
+        got = _normalize_rows(run_sandboxed_sql(pred_sql.strip(), db, max_rows=len(ref)))
+    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError):
         return False
-    finally:
-        db.set_progress_handler(None, 1000)
     if _ORDER_BY.search(ref_sql):
         return got == ref
     return Counter(got) == Counter(ref)
@@ -214,6 +312,7 @@ def task_accuracy(model, tokenizer, task: str, split: str = "test", limit: int |
     """
     examples = data.load_task(task, split)
     if limit is not None:
+        _check_positive_int("limit", limit, "or None for the whole split")
         examples = examples[:limit]
     answers = generate_answers(
         model, tokenizer, [ex["messages"][:-1] for ex in examples], batch_size=batch_size,

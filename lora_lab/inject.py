@@ -1,4 +1,4 @@
-"""Put LoRA into a model: choose layers by name, swap in `LoRALinear`, freeze the rest, count.
+r"""Put LoRA into a model: choose layers by name, swap in `LoRALinear`, freeze the rest, count.
 
     config = LoRAConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
     add_lora(model, config)              # in place; returns the model for convenience
@@ -10,8 +10,12 @@ Choosing layers follows PEFT's rules (`check_target_module_exists`):
 - a single string is a regular expression that must match the full module name (`re.fullmatch`);
 - `"all-linear"` is every `nn.Linear` / `Conv1D` except the model's output head (`lm_head`).
 
+Per-layer ranks and alphas follow PEFT's `rank_pattern` / `alpha_pattern`: {pattern: value}, where
+a pattern matches a module whose full name ends with it as a regex (`(.*\.)?(pattern)$`), the first
+matching pattern winning, e.g. `rank_pattern={"v_proj": 16}` or `{"layers\.0\.self_attn\.q_proj": 2}`.
+
 Left out: several named adapters in one model (see `lora_lab.adapters`), `modules_to_save`,
-trainable biases (`bias="all"`), per-layer ranks (`rank_pattern`) and `layers_to_transform`.
+trainable biases (`bias="all"`) and `layers_to_transform`.
 
 References: PEFT `tuners/tuners_utils.py` (`check_target_module_exists`,
 `_maybe_include_all_linear_layers`), `peft_model.py` (`get_nb_trainable_parameters`,
@@ -26,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from lora_lab.layers import LoRALinear, _check_hyperparameters, is_conv1d
+from lora_lab.layers import LoRALinear, _check_hyperparameters, base_in_out_features, is_conv1d
 
 __all__ = [
     "LoRAConfig",
@@ -58,6 +62,8 @@ class LoRAConfig:
     use_rslora: bool = False  # alpha / sqrt(r) instead of alpha / r
     init_lora_weights: bool | str = True  # True (kaiming A, B = 0), "gaussian", or False (debug)
     bias: str = "none"  # only "none": biases stay frozen, as in PEFT's default
+    rank_pattern: dict = field(default_factory=dict)  # {regex: r} for some layers (PEFT's rank_pattern)
+    alpha_pattern: dict = field(default_factory=dict)  # {regex: lora_alpha} for some layers
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple | set | frozenset):
@@ -94,9 +100,47 @@ class LoRAConfig:
             raise ValueError(
                 f"bias={self.bias!r} is not supported by lora_lab (biases stay frozen); use bias='none'"
             )
+        for key in ("rank_pattern", "alpha_pattern"):
+            _check_pattern(key, getattr(self, key), self)
+
+    def rank_alpha_for(self, name: str) -> tuple[int, float]:
+        r"""(r, lora_alpha) of the layer with full name `name`: a matching pattern's value, else r / lora_alpha.
+
+        Matching is PEFT's `get_pattern_key`: the first pattern p with re.match(rf"(.*\.)?({p})$", name).
+        """
+        return _pattern_value(self.rank_pattern, name, self.r), _pattern_value(
+            self.alpha_pattern, name, self.lora_alpha
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_pattern(key: str, pattern, config: LoRAConfig) -> None:
+    """rank_pattern / alpha_pattern: a dict of regex -> r (or alpha), each value valid on its own."""
+    if not isinstance(pattern, dict):
+        raise TypeError(
+            f"{key} must be a dict of {{module name pattern: value}}, got {type(pattern).__name__}"
+        )
+    for pat, value in pattern.items():
+        if not isinstance(pat, str) or not pat:
+            raise ValueError(f"{key} has the key {pat!r}; keys are module name patterns such as 'v_proj'")
+        try:
+            re.compile(pat)
+        except re.error as err:
+            raise ValueError(f"{key} key {pat!r} is not a valid regular expression: {err}") from None
+        r, alpha = (value, config.lora_alpha) if key == "rank_pattern" else (config.r, value)
+        try:
+            _check_hyperparameters(r, alpha, config.lora_dropout, config.init_lora_weights)
+        except ValueError as err:
+            raise ValueError(f"{key}[{pat!r}]: {err}") from None
 
 
 # ---------------------------------------------------------------------------- finding layers
@@ -206,22 +250,35 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             "adding a new adapter, or load weights into the existing one with load_adapter"
         )
     names = resolve_target_modules(model, config.target_modules)
-    new_layers = {
-        name: LoRALinear(
+    for name in names:
+        _check_rank_fits(name, model.get_submodule(name), config.rank_alpha_for(name)[0])
+    new_layers = {}
+    for name in names:
+        r, lora_alpha = config.rank_alpha_for(name)
+        new_layers[name] = LoRALinear(
             model.get_submodule(name),
-            r=config.r,
-            lora_alpha=config.lora_alpha,
+            r=r,
+            lora_alpha=lora_alpha,
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,
         )
-        for name in names
-    }
     for name, layer in new_layers.items():
         _set_submodule(model, name, layer)
     model.lora_config = config
     mark_only_lora_as_trainable(model)
     return model
+
+
+def _check_rank_fits(name: str, module: nn.Module, r: int) -> None:
+    """ValueError if r exceeds what the layer can use: B A has rank at most min(in, out)."""
+    in_features, out_features = base_in_out_features(module)
+    if r > min(in_features, out_features):
+        raise ValueError(
+            f"r={r} is larger than layer {name} can use: it is [{out_features}, {in_features}], so B A has rank at "
+            f"most {min(in_features, out_features)} and the extra rank only costs memory. "
+            f"Use r <= {min(in_features, out_features)} (or a rank_pattern entry for this layer)."
+        )
 
 
 def remove_lora(model: nn.Module) -> nn.Module:

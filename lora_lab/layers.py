@@ -75,9 +75,15 @@ def _check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights) -> No
         raise ValueError(
             f"r (the LoRA rank) must be a positive integer, got {r!r}; typical values are 4 to 64"
         )
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, (int, float))
+        or not lora_alpha > 0
+        or not math.isfinite(lora_alpha)
+    ):
         raise ValueError(
-            f"lora_alpha must be a positive number, got {lora_alpha!r}; a common choice is lora_alpha = r or 2*r"
+            f"lora_alpha must be a positive finite number, got {lora_alpha!r}; a common choice is "
+            "lora_alpha = r or 2*r"
         )
     if (
         isinstance(lora_dropout, bool)

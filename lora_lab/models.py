@@ -23,7 +23,14 @@ import torch
 
 from lora_lab.paths import TINY_BASE_DIR
 
-__all__ = ["load_base", "resolve_base_name", "count_parameters", "TINY_BASE_DIR", "BASE_MODEL_ENV"]
+__all__ = [
+    "load_base",
+    "check_base",
+    "resolve_base_name",
+    "count_parameters",
+    "TINY_BASE_DIR",
+    "BASE_MODEL_ENV",
+]
 
 BASE_MODEL_ENV = "LORA_LAB_BASE_MODEL"
 
@@ -66,6 +73,40 @@ def _offline_error(name: str, why: str) -> OSError:
     )
 
 
+def check_base(name: str | os.PathLike | None = None) -> tuple[str, Path | None]:
+    """(model name, local folder or None for a Hub id): everything load_base checks before loading.
+
+    FileNotFoundError for a path that does not exist or a folder without a config.json file; OSError
+    for a Hub id that cannot be fetched (offline, not cached). Cheap: nothing is loaded.
+    """
+    if name is not None and not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"the model must be a folder path or a Hub id (a string), got {name!r}")
+    name = resolve_base_name(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is a folder but has no config.json file, so it is not a model folder; pass a folder that "
+                "holds config.json, model.safetensors and the tokenizer files (save_pretrained writes them)"
+            )
+        return name, path
+    if path.exists():
+        raise FileNotFoundError(
+            f"{path} is a file, not a model folder; pass the folder that holds it ({path.parent})"
+        )
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise FileNotFoundError(
+            f"{name!r} looks like a local path but no such folder exists; pass a folder that holds "
+            "config.json and model.safetensors, or a Hub id like 'HuggingFaceTB/SmolLM2-135M'"
+        )
+    if not _in_hub_cache(name):
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise _offline_error(name, "HF_HUB_OFFLINE is set")
+        if not _hub_reachable():
+            raise _offline_error(name, "the Hugging Face Hub cannot be reached (no network)")
+    return name, None
+
+
 def load_base(
     name: str | os.PathLike | None = None,
     *,
@@ -85,21 +126,10 @@ def load_base(
     from lora_lab.runtime import compute_dtype
     from lora_lab.runtime import device as pick_device
 
-    name = resolve_base_name(name)
+    name, local_path = check_base(name)
     dev = pick_device(str(device)) if device is not None else pick_device()
-    path = Path(name).expanduser()
-    local = path.is_dir()
-    if not local:
-        if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
-            raise FileNotFoundError(
-                f"{name!r} looks like a local path but no such folder exists; pass a folder that holds "
-                "config.json and model.safetensors, or a Hub id like 'HuggingFaceTB/SmolLM2-135M'"
-            )
-        if not _in_hub_cache(name):
-            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-                raise _offline_error(name, "HF_HUB_OFFLINE is set")
-            if not _hub_reachable():
-                raise _offline_error(name, "the Hugging Face Hub cannot be reached (no network)")
+    local = local_path is not None
+    path = local_path if local else Path(name)
     if dtype is None:
         bundled = local and path.resolve() == TINY_BASE_DIR.resolve()
         dtype = torch.float32 if bundled else compute_dtype(dev)
@@ -122,6 +152,21 @@ def load_base(
     model.to(dev)
     model.eval()
     return model, tokenizer
+
+
+def check_generation_length(model, prompt_tokens: int, max_new_tokens) -> None:
+    """ValueError unless max_new_tokens is a positive int and prompt + new tokens fit the model's positions.
+
+    Past `max_position_embeddings` a RoPE model does not fail: it silently produces garbage.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"{limit} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens"
+        )
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -320,6 +320,24 @@ def _check_tensor(w, blocksize: int, what: str = "w") -> None:
         raise ValueError(
             f"blocksize={blocksize!r} is not supported; bitsandbytes accepts {VALID_BLOCKSIZES} (64 is the default)"
         )
+    finite = torch.isfinite(w)
+    if not finite.all():
+        raise ValueError(
+            f"{what} has {int((~finite).sum())} NaN/inf value(s); one of them makes its block's absmax inf and turns "
+            f"all {blocksize} values of the block into NaN. Find where they come from (a diverged run?), or "
+            "replace them (torch.nan_to_num) before quantizing."
+        )
+
+
+def _check_compute_dtype(compute_dtype) -> None:
+    """compute_dtype must be None (the weight's dtype) or a floating dtype: an int matmul gives zeros."""
+    if compute_dtype is not None and (
+        not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"compute_dtype={compute_dtype!r} is not a floating dtype; the layer computes x @ W.T in it. "
+            "Pass torch.float32, torch.bfloat16 or torch.float16 (or None for the weight's own dtype)."
+        )
 
 
 def _blockwise_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,6 +476,7 @@ class NF4Linear(nn.Module):
         compute_dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        _check_compute_dtype(compute_dtype)
         if len(state.shape) != 2:
             raise ValueError(
                 f"NF4Linear needs a 2-D weight [out, in]; the state has shape {tuple(state.shape)}"
@@ -579,6 +598,7 @@ def quantize_model(
         raise ValueError(f"blocksize={blocksize!r} is not supported; use one of {VALID_BLOCKSIZES}")
     if quant_type not in _CODES:
         raise ValueError(f"quant_type={quant_type!r} is unknown; use 'nf4' or 'fp4'")
+    _check_compute_dtype(compute_dtype)
     if isinstance(target_modules, str) and target_modules != "all-linear":
         target_modules = [target_modules]
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}

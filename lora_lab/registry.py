@@ -27,8 +27,9 @@ Errors leave the model and the registry as they were: an unknown adapter name (t
 the loaded ones), an adapter written for another base model (the message names the layer and both
 shapes), a rank above `max_rank`, an adapter larger than the whole device budget.
 
-Left out: DoRA and other variants, per-layer ranks (`rank_pattern` / `alpha_pattern`), LoRA on
-embeddings, `modules_to_save`, S-LoRA's unified paging (one memory pool shared by KV cache and
+Per-layer ranks and alphas (`rank_pattern` / `alpha_pattern`) are served as PEFT and vLLM do.
+
+Left out: DoRA and other variants, LoRA on embeddings, `modules_to_save`, S-LoRA's unified paging (one memory pool shared by KV cache and
 adapters) and its custom kernels.
 
 References:
@@ -40,17 +41,25 @@ References:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lora_lab.adapters import config_from_dict, read_adapter, split_peft_key
+from lora_lab.adapters import (
+    _check_file_rank,
+    check_lora_tensor,
+    config_from_dict,
+    read_adapter,
+    split_peft_key,
+)
 from lora_lab.layers import LoRALinear, base_in_out_features, is_conv1d, lora_scaling
 from lora_lab.serving import MultiLoRALinear
 
 __all__ = ["AdapterRegistry", "HostAdapter", "group_by_layer"]
+
+PARTS = ("lora_A", "lora_B")
 
 
 @dataclass
@@ -63,11 +72,16 @@ class HostAdapter:
 
     name: str
     path: str
-    r: int
+    r: int  # the largest rank of any layer (r, unless rank_pattern raises some)
     lora_alpha: float
-    scaling: float  # lora_alpha / r (or / sqrt(r) with use_rslora)
+    scaling: float  # lora_alpha / r (or / sqrt(r) with use_rslora): layers without a pattern
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     config: dict
+    scalings: dict[str, float] = field(default_factory=dict)  # per layer (rank_pattern / alpha_pattern)
+
+    def layer_scaling(self, layer_name: str) -> float:
+        """The scaling of one layer: its own under rank_pattern / alpha_pattern, else `scaling`."""
+        return self.scalings.get(layer_name, self.scaling)
 
     @property
     def nbytes(self) -> int:
@@ -115,10 +129,12 @@ class AdapterRegistry:
             )
         if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
             raise ValueError("this model already belongs to an AdapterRegistry; use that registry")
-        if max_device_bytes is not None and (not isinstance(max_device_bytes, int) or max_device_bytes <= 0):
-            raise ValueError(f"max_device_bytes must be a positive int or None, got {max_device_bytes!r}")
-        if max_rank is not None and (not isinstance(max_rank, int) or max_rank <= 0):
-            raise ValueError(f"max_rank must be a positive int or None, got {max_rank!r}")
+        for key, value in (("max_device_bytes", max_device_bytes), ("max_rank", max_rank)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(
+                    f"{key} must be a positive int (e.g. 64 * 2**20 bytes, rank 16) or None for no limit, "
+                    f"got {value!r}"
+                )
         self.model = model
         self.max_device_bytes = max_device_bytes
         self.max_rank = max_rank
@@ -132,6 +148,7 @@ class AdapterRegistry:
         self.hits = 0  # adapter already on the device when asked for
         self.misses = 0  # adapter had to be copied from the host
         self.evictions = 0  # adapters dropped from the device to make room
+        self.open_mixed_batches = 0  # > 0 while a serving.mixed_batch block runs on this registry
 
     # ------------------------------------------------------------------ inspection
 
@@ -181,6 +198,15 @@ class AdapterRegistry:
                 f"unknown adapter {name!r}; loaded adapters: {loaded}. Load it with registry.load()"
             )
 
+    def _check_no_mixed_batch(self, action: str) -> None:
+        """Refuse changes while a mixed batch runs: its rows are bound to the stacks it was built with."""
+        if self.open_mixed_batches:
+            raise RuntimeError(
+                f"cannot {action} inside an open serving.mixed_batch block: the batch's rows are bound to the "
+                "adapters it started with, and every row would silently fall back to the base model. "
+                "Leave the `with` block first."
+            )
+
     def _check_not_merged(self, action: str) -> None:
         if self.merged_adapter is not None:
             raise ValueError(
@@ -190,19 +216,21 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, name: str, path: str | Path) -> HostAdapter:
+    def load(self, name: str, path: str | Path, allow_pickle: bool = False) -> HostAdapter:
         """Read a PEFT-format adapter folder (adapter_config.json + adapter_model.safetensors) as `name`.
 
         Every layer is checked against the base model before anything changes. The adapter goes to
-        host memory only; it is copied to the device when first used.
+        host memory only; it is copied to the device when first used. A folder with only a pickle
+        (`adapter_model.bin`) is refused unless allow_pickle=True, as in `adapters.load_adapter`.
         """
+        self._check_no_mixed_batch(f"load adapter {name!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         if name in self._host:
             raise ValueError(
                 f"an adapter named {name!r} is already loaded; delete it first or pick another name"
             )
-        config, state_dict = read_adapter(path)
+        config, state_dict = read_adapter(path, allow_pickle=allow_pickle)
         adapter = self._build_host_adapter(name, str(path), config, state_dict)
         if self.max_device_bytes is not None and adapter.nbytes > self.max_device_bytes:
             raise ValueError(
@@ -220,59 +248,58 @@ class AdapterRegistry:
 
     def _build_host_adapter(self, name: str, path: str, config: dict, state_dict: dict) -> HostAdapter:
         """Validate a PEFT config + state dict against the model and turn it into a HostAdapter."""
-        lora_config = config_from_dict(config, where=f"adapter {name!r} at {path}")  # r, alpha, rsLoRA
-        r = lora_config.r
-        if self.max_rank is not None and r > self.max_rank:
-            raise ValueError(
-                f"adapter {name!r} has rank r={r}, above this registry's max_rank={self.max_rank}; create the "
-                f"registry with max_rank>={r}, or use an adapter trained with r<={self.max_rank}"
-            )
-        scaling = lora_scaling(r, lora_config.lora_alpha, lora_config.use_rslora)
-
+        where = f"adapter {name!r} at {path}"
+        lora_config = config_from_dict(config, where=where)  # r, alpha, rsLoRA, rank/alpha patterns
         layers = group_by_layer(state_dict)
         if not layers:
-            raise ValueError(f"adapter {name!r} at {path} has no lora_A/lora_B weights")
-        weights = {}
+            raise ValueError(f"{where} has no lora_A/lora_B weights")
+        weights, scalings = {}, {}
         for layer_name, pair in sorted(layers.items()):
-            weight_A, weight_B = pair["lora_A"], pair["lora_B"]  # [r, in], [out, r]
-            try:
-                module = self.model.get_submodule(layer_name)
-            except AttributeError:
-                raise ValueError(
-                    f"adapter {name!r} patches layer {layer_name!r}, which {type(self.model).__name__} does not "
-                    "have: the adapter was trained for another base model (or another architecture)"
-                ) from None
-            if isinstance(module, MultiLoRALinear):
-                module = module.base_layer
-            try:
-                in_features, out_features = base_in_out_features(module)
-            except TypeError:
-                raise ValueError(
-                    f"adapter {name!r} patches {layer_name!r}, a {type(module).__name__}, not a linear layer; "
-                    "the adapter was trained for another base model"
-                ) from None
-            if (
-                weight_A.dim() != 2
-                or weight_B.dim() != 2
-                or weight_A.shape != (r, in_features)
-                or weight_B.shape != (out_features, r)
-            ):
-                raise ValueError(
-                    f"adapter {name!r} does not fit layer {layer_name!r}: the adapter has lora_A "
-                    f"{list(weight_A.shape)} and lora_B {list(weight_B.shape)}, the model's layer needs lora_A "
-                    f"[{r}, {in_features}] and lora_B [{out_features}, {r}] (in={in_features}, out={out_features}). "
-                    "The adapter was trained for another base model (or its r does not match its config)."
-                )
-            if not (torch.isfinite(weight_A).all() and torch.isfinite(weight_B).all()):
-                raise ValueError(
-                    f"adapter {name!r} has NaN/inf values in layer {layer_name!r}: the file is broken"
-                )
+            r, lora_alpha = lora_config.rank_alpha_for(layer_name)
+            self._check_layer(name, where, layer_name, pair, r)
+            scalings[layer_name] = lora_scaling(r, lora_alpha, lora_config.use_rslora)
             # fp32 on the host, as PEFT upcasts adapter weights (autocast_adapter_dtype)
-            weights[layer_name] = (
-                weight_A.detach().to("cpu", torch.float32).contiguous(),
-                weight_B.detach().to("cpu", torch.float32).contiguous(),
+            weights[layer_name] = tuple(pair[p].detach().to("cpu", torch.float32).contiguous() for p in PARTS)
+        r_max = max(a.shape[0] for a, _ in weights.values())
+        if self.max_rank is not None and r_max > self.max_rank:
+            raise ValueError(
+                f"adapter {name!r} has rank r={r_max}, above this registry's max_rank={self.max_rank}; create the "
+                f"registry with max_rank>={r_max}, or use an adapter trained with r<={self.max_rank}"
             )
-        return HostAdapter(name, path, r, lora_config.lora_alpha, scaling, weights, dict(config))
+        scaling = lora_scaling(lora_config.r, lora_config.lora_alpha, lora_config.use_rslora)
+        return HostAdapter(
+            name, path, r_max, lora_config.lora_alpha, scaling, weights, dict(config), scalings
+        )
+
+    def _check_layer(self, name: str, where: str, layer_name: str, pair: dict, r: int) -> None:
+        """ValueError unless the file's A [r, in] and B [out, r] fit this model's layer `layer_name`."""
+        try:
+            module = self.model.get_submodule(layer_name)
+        except AttributeError:
+            raise ValueError(
+                f"adapter {name!r} patches layer {layer_name!r}, which {type(self.model).__name__} does not "
+                "have: the adapter was trained for another base model (or another architecture)"
+            ) from None
+        if isinstance(module, MultiLoRALinear):
+            module = module.base_layer
+        try:
+            in_features, out_features = base_in_out_features(module)
+        except TypeError:
+            raise ValueError(
+                f"adapter {name!r} patches {layer_name!r}, a {type(module).__name__}, not a linear layer; "
+                "the adapter was trained for another base model"
+            ) from None
+        _check_file_rank(pair, layer_name, r, where)
+        weight_A, weight_B = pair["lora_A"], pair["lora_B"]  # [r, in], [out, r]
+        if weight_A.shape != (r, in_features) or weight_B.shape != (out_features, r):
+            raise ValueError(
+                f"adapter {name!r} does not fit layer {layer_name!r}: the adapter has lora_A "
+                f"{list(weight_A.shape)} and lora_B {list(weight_B.shape)}, the model's layer needs lora_A "
+                f"[{r}, {in_features}] and lora_B [{out_features}, {r}] (in={in_features}, out={out_features}). "
+                "The adapter was trained for another base model."
+            )
+        for part in PARTS:
+            check_lora_tensor(pair[part], f"{layer_name}.{part}", where)
 
     def delete(self, name: str) -> None:
         """Forget an adapter (host and device copies). If it was active, the model falls back to the base.
@@ -280,6 +307,7 @@ class AdapterRegistry:
         Layers no remaining adapter patches get their original module back, so deleting every
         adapter returns the model to exactly its original structure.
         """
+        self._check_no_mixed_batch(f"delete adapter {name!r}")
         self._check_known(name)
         if self.merged_adapter == name:
             raise ValueError(
@@ -341,6 +369,7 @@ class AdapterRegistry:
 
     def set_adapter(self, name: str) -> None:
         """Make `name` the adapter every row of every batch uses (PEFT's `set_adapter`)."""
+        self._check_no_mixed_batch("set_adapter")
         self._check_known(name)
         self._check_not_merged("set_adapter")
         self.fetch(name)
@@ -349,6 +378,7 @@ class AdapterRegistry:
 
     def disable(self) -> None:
         """Run the plain base model (no adapter); `set_adapter` switches one on again."""
+        self._check_no_mixed_batch("disable the adapters")
         self._check_not_merged("disable() (unmerge() alone gives the base model back)")
         self.active_adapter = None
         self._apply_active()
@@ -363,11 +393,14 @@ class AdapterRegistry:
         adapter = self._host[self.active_adapter]
         # one [1] fp32 tensor for all layers (layers multiply by its element, keeping their own dtype):
         # a switch copies one number to the device, not one per layer
-        scaling = torch.tensor([adapter.scaling], dtype=torch.float32, device=self.device)
+        shared = {adapter.scaling: torch.tensor([adapter.scaling], dtype=torch.float32, device=self.device)}
         for layer_name, layer in self._wrapped():
             if layer_name in weights:
                 weight_A, weight_B = weights[layer_name]
-                layer.set_single(weight_A, weight_B, scaling)
+                value = adapter.layer_scaling(layer_name)  # differs only under rank/alpha patterns
+                if value not in shared:
+                    shared[value] = torch.tensor([value], dtype=torch.float32, device=self.device)
+                layer.set_single(weight_A, weight_B, shared[value])
             else:
                 layer.clear()  # this adapter does not patch this layer
 
@@ -383,6 +416,7 @@ class AdapterRegistry:
         The fastest way to run one adapter (no extra matmuls), but the model now serves only it.
         Every merged weight is computed and checked for NaN/inf before any is written.
         """
+        self._check_no_mixed_batch(f"merge {name!r}")
         self._check_known(name)
         self._check_not_merged(f"merging {name!r} (one merged adapter at a time)")
         new_weights = {}
@@ -399,6 +433,7 @@ class AdapterRegistry:
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the merged adapter again (W <- W - B A * scaling; exact up to float rounding)."""
+        self._check_no_mixed_batch("unmerge")
         if self.merged_adapter is None:
             raise ValueError("no adapter is merged, so there is nothing to unmerge")
         name = self.merged_adapter
@@ -424,7 +459,7 @@ class AdapterRegistry:
         """B @ A * scaling in the base weight's layout, device and dtype."""
         adapter = self._host[name]
         weight_A, weight_B = adapter.weights[layer_name]  # [r, in], [out, r]
-        delta = (weight_B @ weight_A) * adapter.scaling  # [out, in]
+        delta = (weight_B @ weight_A) * adapter.layer_scaling(layer_name)  # [out, in]
         if is_conv1d(self.model.get_submodule(layer_name).base_layer):
             delta = delta.T  # Conv1D stores its weight [in, out]
         return delta.to(weight.device, weight.dtype)

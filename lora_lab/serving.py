@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_lab.layers import base_in_out_features
+from lora_lab.models import check_generation_length
 
 if TYPE_CHECKING:  # only for type hints: registry imports this module
     from lora_lab.registry import AdapterRegistry
@@ -188,7 +189,8 @@ def stack_adapters(registry: AdapterRegistry, adapter_names: Sequence[str | None
     unique = _check_names(registry, adapter_names)
     device_weights = registry.fetch_many(unique)  # {name: {layer: (A [r, in], B [out, r])}}
     slots: dict[str | None, int] = {None: 0} | {name: i + 1 for i, name in enumerate(unique)}
-    scaling = torch.tensor([0.0] + [registry.adapter(n).scaling for n in unique], device=registry.device)
+    adapters = [registry.adapter(n) for n in unique]
+    scaling = torch.tensor([0.0] + [a.scaling for a in adapters], device=registry.device)  # [n]
     r_max = max((registry.adapter(n).r for n in unique), default=1)
     layers = {}
     for layer_name, module in registry.model.named_modules():
@@ -211,7 +213,11 @@ def stack_adapters(registry: AdapterRegistry, adapter_names: Sequence[str | None
             list_B.append(F.pad(weight_B, (0, pad)) if pad else weight_B)  # [out, r_max]
         stack_A = torch.stack(list_A)  # [n, r_max, in]
         stack_B = torch.stack(list_B)  # [n, out, r_max]
-        layers[layer_name] = (stack_A, stack_B, scaling)
+        own = [a.layer_scaling(layer_name) for a in adapters]  # differs only under rank/alpha patterns
+        if own != [a.scaling for a in adapters]:
+            layers[layer_name] = (stack_A, stack_B, torch.tensor([0.0, *own], device=registry.device))
+        else:
+            layers[layer_name] = (stack_A, stack_B, scaling)
     return AdapterStacks(slots, layers)
 
 
@@ -219,11 +225,15 @@ def stack_adapters(registry: AdapterRegistry, adapter_names: Sequence[str | None
 def mixed_batch(registry: AdapterRegistry, adapter_names: Sequence[str | None]) -> Iterator[AdapterStacks]:
     """Within the block, row i of every forward pass uses adapter `adapter_names[i]` (None: base).
 
-    The adapter set by `registry.set_adapter` (if any) is restored on exit.
+    The adapter set by `registry.set_adapter` (if any) is restored on exit. Inside the block the
+    registry refuses changes (load, delete, set_adapter, disable, merge, unmerge, another mixed
+    batch) with a RuntimeError: they would silently switch the batch's rows to other weights.
     """
     registry._check_not_merged("running a mixed batch")
+    registry._check_no_mixed_batch("start a mixed batch")  # nested blocks would undo each other
     stacks = stack_adapters(registry, adapter_names)
     ids = stacks.ids(adapter_names, device=registry.device)  # [batch]
+    registry.open_mixed_batches += 1  # load / delete / set_adapter / merge are refused until the end
     try:
         for layer_name, module in registry.model.named_modules():
             if not isinstance(module, MultiLoRALinear):
@@ -234,6 +244,7 @@ def mixed_batch(registry: AdapterRegistry, adapter_names: Sequence[str | None]) 
                 module.clear()  # no adapter of this batch patches this layer
         yield stacks
     finally:
+        registry.open_mixed_batches -= 1
         registry._apply_active()
 
 
@@ -275,8 +286,7 @@ def generate(
     """
     _check_names(registry, adapter_names)
     _check_rows(input_ids, adapter_names)
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    check_generation_length(registry.model, input_ids.shape[1], max_new_tokens)  # positive, fits positions
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError(
             "a prompt ends with padding: pad on the left (tokenizer.padding_side = 'left') to generate"

@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 
 import torch
 
-__all__ = ["train", "encode_chat", "encode_example", "collate", "main"]
+__all__ = ["train", "encode_chat", "encode_example", "encode_examples", "collate", "main"]
 
 
 def encode_chat(
@@ -65,6 +66,28 @@ def encode_example(tokenizer, example, seq_len: int, assistant_only_loss: bool =
         ids = ids + [tokenizer.eos_token_id]
     ids = ids[:seq_len]
     return ids, list(ids)
+
+
+def encode_examples(tokenizer, examples: list, seq_len: int, assistant_only_loss: bool = True) -> list:
+    """`encode_example` for every example, leaving out those whose whole answer `seq_len` cuts off.
+
+    Such an example has no token to learn (its loss would be 0/0); a warning says how many were left out,
+    and a ValueError says what to raise when `seq_len` cuts off every answer.
+    """
+    encoded = [encode_example(tokenizer, ex, seq_len, assistant_only_loss) for ex in examples]
+    kept = [(ids, labels) for ids, labels in encoded if any(t != -100 for t in labels[1:])]
+    if not kept:
+        raise ValueError(
+            f"seq_len={seq_len} cuts off the whole answer of every one of the {len(encoded)} examples (their prompts "
+            f"fill all {seq_len} tokens), so there is nothing to learn; raise seq_len (e.g. to {4 * seq_len})"
+        )
+    if len(kept) < len(encoded):
+        warnings.warn(
+            f"seq_len={seq_len} cuts off the whole answer of {len(encoded) - len(kept)} of {len(encoded)} examples; "
+            "they are left out of training (raise seq_len to keep them)",
+            stacklevel=2,
+        )
+    return kept
 
 
 def collate(batch: list[tuple[list, list]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -116,6 +139,11 @@ def train(
         raise ValueError(f"batch_size must be > 0 and seq_len > 1, got {batch_size} and {seq_len}")
     if not examples:
         raise ValueError("examples is empty: pass a list of chat or text examples")
+    if max_grad_norm is not None and not (max_grad_norm >= 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(
+            f"max_grad_norm must be a positive number (e.g. 1.0), or 0/None for no clipping, got {max_grad_norm!r}; "
+            "a negative norm flips the gradient and trains uphill"
+        )
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise ValueError(
@@ -129,7 +157,7 @@ def train(
         raise ValueError(f"unknown optimizer {optimizer!r}; use 'adamw' or 'sgd'")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_example(tokenizer, ex, seq_len, assistant_only_loss) for ex in examples]
+    encoded = encode_examples(tokenizer, examples, seq_len, assistant_only_loss)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     order: list[int] = []

@@ -236,6 +236,8 @@ def start(
             raise FileNotFoundError(f"LoRA module {name!r}: {path} has no adapter_config.json")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
+    if port is not None:
+        _check_port_free(port)
     port = port or free_port()
     base_name = served_model_name or str(model_path)
     max_loras = max_loras or max(1, len(lora_modules) + 1)
@@ -287,8 +289,44 @@ def start(
     return server
 
 
+def _check_port_free(port) -> None:
+    """VLLMError if something already listens on 127.0.0.1:port: requests would go to it, not to vLLM."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port must be an int in 1..65535 or None (pick a free one), got {port!r}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket's TIME_WAIT is fine
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise VLLMError(
+                f"port {port} on 127.0.0.1 is already in use ({err.strerror}); another service answers there, so "
+                "the server would not be reachable. Pass port=None to pick a free port, or stop that service."
+            ) from None
+
+
+def _served_by_us(server: VLLMServer) -> bool:
+    """True once /v1/models lists our base model; VLLMError if the port answers as something else."""
+    status, body = _http("GET", server.url + "/v1/models", timeout=5)
+    if status == 0:
+        return False  # not listening yet
+    try:
+        ids = [m["id"] for m in json.loads(body)["data"]] if status == 200 else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        ids = None
+    if ids is not None and server.base_model in ids:
+        return True
+    raise VLLMError(
+        f"{server.url} answers, but not as the vLLM server started here (GET /v1/models: HTTP {status}, "
+        f"models {ids}; expected {server.base_model!r}): another service holds port "
+        f"{server.url.rsplit(':', 1)[1]}. It was stopped; start again with port=None to pick a free port."
+    )
+
+
 def _wait_ready(server: VLLMServer, timeout: float) -> None:
-    """Poll /health until it answers 200; VLLMError if the process dies or the timeout passes."""
+    """Poll until /health answers 200 AND /v1/models lists our base model, while our process runs.
+
+    VLLMError if the process dies, another service answers on the port, or the timeout passes.
+    """
     deadline = time.monotonic() + timeout
     while True:
         if not server.running():
@@ -297,7 +335,7 @@ def _wait_ready(server: VLLMServer, timeout: float) -> None:
                 f"Log tail ({server.log_path}):\n{server.log_tail()}"
             )
         status, _ = _http("GET", server.url + "/health", timeout=5)
-        if status == 200:
+        if status == 200 and _served_by_us(server) and server.running():
             return
         if time.monotonic() > deadline:
             raise VLLMError(

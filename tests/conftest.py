@@ -211,3 +211,66 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------- adapters trained with dropout
+# (added for issue 15: loading for inference must switch LoRA dropout off, as PEFT's from_pretrained does)
+
+
+@pytest.fixture(scope="session")
+def dropout_adapter_dir(tmp_path_factory):
+    """A PEFT adapter for the tiny Llama saved with lora_dropout=0.1 (as most real adapters are)."""
+    path = tmp_path_factory.mktemp("dropout-adapter")
+    return save_peft_adapter(path, r=4, lora_alpha=8, seed=5, lora_dropout=0.1)
+
+
+def assert_inference_like_peft(model, peft_model, ids) -> None:
+    """Two identical forwards of `model` agree exactly (dropout off) and equal PEFT's output."""
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+        theirs = peft_model(input_ids=ids).logits
+    assert torch.equal(first, second), f"two identical forwards differ by {(first - second).abs().max():.3g}"
+    torch.testing.assert_close(first, theirs, atol=1e-5, rtol=0)
+
+
+# Per-layer ranks and alphas as PEFT writes them (rank_pattern / alpha_pattern): v_proj at r=2, the
+# second layer's q_proj at r=8, q_proj and down_proj with their own alphas; everything else r=4, alpha=8.
+PATTERNS = {
+    "rank_pattern": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 8},
+    "alpha_pattern": {"q_proj": 32, "down_proj": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def pattern_adapter_dir(tmp_path_factory):
+    """A PEFT adapter for the tiny Llama on all seven projections with rank_pattern and alpha_pattern."""
+    path = tmp_path_factory.mktemp("pattern-adapter")
+    return save_peft_adapter(path, r=4, lora_alpha=8, seed=6, **PATTERNS)
+
+
+# ---------------------------------------------------------------------------- hypothesis strategies
+# (added for issue 15: property tests of adapters, merging and mixed batches on the tiny Llama)
+
+
+def lora_configs():
+    """Plain LoRA settings for the tiny Llama: ranks, alphas, rsLoRA, target subsets, a rank pattern."""
+    from hypothesis import strategies as st
+
+    from lora_lab.inject import LoRAConfig
+
+    @st.composite
+    def build(draw):
+        targets = draw(st.lists(st.sampled_from(TARGETS["llama"]), min_size=1, max_size=4, unique=True))
+        use_rslora = draw(st.booleans())
+        pattern = {} if use_rslora else draw(st.sampled_from([{}, {targets[0]: 2}]))  # PEFT: not with rsLoRA
+        return LoRAConfig(
+            r=draw(st.sampled_from([1, 2, 4, 8])),
+            lora_alpha=draw(st.sampled_from([0.5, 1, 8, 16.0, 64])),
+            lora_dropout=draw(st.sampled_from([0.0, 0.1])),
+            target_modules=targets,
+            use_rslora=use_rslora,
+            init_lora_weights=False,
+            rank_pattern=pattern,
+        )
+
+    return build()

@@ -8,7 +8,18 @@ import shutil
 
 import pytest
 import torch
-from conftest import TARGETS, build_tiny, copy_lora_into_peft, tiny_inputs, to_peft_config
+from conftest import (
+    PATTERNS,
+    TARGETS,
+    assert_inference_like_peft,
+    build_tiny,
+    copy_lora_into_peft,
+    lora_configs,
+    tiny_inputs,
+    to_peft_config,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 
@@ -267,12 +278,109 @@ def test_bad_adapter_files_give_clear_errors_and_change_nothing(damage, error, m
     save_adapter(ours, tmp_path)
     damage(tmp_path)
     files = _files_digest(tmp_path)
-    for model in (build_tiny("llama"), _trained("llama")[0]):  # fresh base, and one that has LoRA
+    _assert_refused_without_change(tmp_path, error, match)
+    assert _files_digest(tmp_path) == files
+
+
+def _assert_refused_without_change(path, error, match):
+    """load_adapter(path) raises `error` for a fresh base and for a model with LoRA, changing neither."""
+    for model in (build_tiny("llama"), _trained("llama")[0]):
         digest = _model_digest(model)
         with pytest.raises(error, match=match):
-            load_adapter(model, tmp_path)
+            load_adapter(model, path)
         _assert_same_model(model, digest)
-    assert _files_digest(tmp_path) == files
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg | changes))
+    return folder
+
+
+def _edit_first_tensor(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / WEIGHTS_NAME)
+    key = sorted(tensors)[0]
+    tensors[key] = edit(tensors[key].clone())
+    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    return folder
+
+
+def _set_one(value):
+    def edit(t):
+        t.view(-1)[3] = value
+        return t
+
+    return edit
+
+
+def _staging_copy(folder):
+    staging = folder.parent / f".{folder.name}.lora-lab-saving-1-abcd"
+    shutil.copytree(folder, staging)
+    return staging
+
+
+# (what to do to a saved adapter folder -> the path to load, expected error, message fragment)
+BAD_ADAPTER_PATHS = {
+    "nan_in_a_tensor": (
+        lambda f: _edit_first_tensor(f, _set_one(float("nan"))),
+        ValueError,
+        "1 NaN/inf value",
+    ),
+    "inf_in_a_tensor": (lambda f: _edit_first_tensor(f, _set_one(float("inf"))), ValueError, "diverged"),
+    "int_tensor": (lambda f: _edit_first_tensor(f, lambda t: t.long()), ValueError, "not a float tensor"),
+    "3d_tensor": (lambda f: _edit_first_tensor(f, lambda t: t[None]), ValueError, "must be 2-D"),
+    "config_r_8_tensors_r_4": (
+        lambda f: _edit_config(f, r=8, lora_alpha=16),
+        ValueError,
+        r"rank-4 tensors .* says r=8",
+    ),
+    "alpha_inf": (lambda f: _edit_config(f, lora_alpha=float("inf")), ValueError, "positive finite number"),
+    "rank_pattern_zero": (
+        lambda f: _edit_config(f, rank_pattern={"q_proj": 0}),
+        ValueError,
+        r"rank_pattern\['q_proj'\]",
+    ),
+    "rank_pattern_list": (
+        lambda f: _edit_config(f, rank_pattern=["q_proj"]),
+        ValueError,
+        "rank_pattern must be a dict",
+    ),
+    "path_to_weights_file": (
+        lambda f: f / WEIGHTS_NAME,
+        FileNotFoundError,
+        "is a file.*pass the folder that holds it",
+    ),
+    "path_to_config_file": (
+        lambda f: f / CONFIG_NAME,
+        FileNotFoundError,
+        "is a file.*pass the folder that holds it",
+    ),
+    "leftover_of_a_killed_save": (_staging_copy, ValueError, "interrupted save_adapter"),
+    "path_is_none": (lambda f: None, TypeError, "must be a folder path"),
+}
+
+
+@pytest.mark.parametrize(
+    "damage, error, match", list(BAD_ADAPTER_PATHS.values()), ids=list(BAD_ADAPTER_PATHS)
+)
+def test_bad_adapter_paths_and_values_are_refused_and_change_nothing(damage, error, match, tmp_path):
+    folder = tmp_path / "adapter"
+    save_adapter(_trained("llama")[0], folder)
+    path = damage(folder)
+    files = _files_digest(folder)
+    _assert_refused_without_change(path, error, match)
+    assert _files_digest(folder) == files
+
+
+def test_save_into_the_working_directory_is_refused(tmp_path, monkeypatch):
+    """A save replaces the whole folder; the folder the process runs in cannot be swapped away."""
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="current working directory.*save into a subfolder"):
+        save_adapter(_trained("llama")[0], ".")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_missing_folder(tmp_path):
@@ -304,3 +412,129 @@ def test_bundled_model_round_trip_with_peft(tmp_path):
     theirs = PeftModel.from_pretrained(build_tiny("tiny-base"), tmp_path).eval()
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     assert (_logits(ours, ids) - _logits(theirs, ids)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("start", ["fresh-eval", "fresh-train", "has-lora"])
+def test_adapter_saved_with_dropout_loads_for_inference_like_peft(dropout_adapter_dir, start):
+    """lora_dropout=0.1 in the file: loading for inference is deterministic and equals from_pretrained."""
+    model = _trained("llama", lora_dropout=0.1)[0] if start == "has-lora" else build_tiny("llama")
+    model.train(start != "fresh-eval")
+    ours = load_adapter(model, dropout_adapter_dir)
+    assert not ours.training and not any(m.training for m in ours.modules())
+    theirs = PeftModel.from_pretrained(build_tiny("llama").train(), dropout_adapter_dir)
+    assert_inference_like_peft(ours, theirs, tiny_inputs(ours, batch=3, seq=12))
+
+
+def _save_forever(models, folder):
+    """Child process: save the two adapters into one folder in turn until killed."""
+    while True:
+        for model in models:
+            save_adapter(model, folder)
+
+
+def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_adapter(tmp_path):
+    """Real SIGKILLs during a save loop: the folder is always one whole adapter, never a mix."""
+    import multiprocessing
+    import os
+    import random
+    import signal
+    import time
+
+    models = [_trained("llama")[0], _trained("llama", lora_alpha=32, r=2)[0]]
+    references = []
+    for i, model in enumerate(models):
+        save_adapter(model, tmp_path / f"ref{i}")
+        references.append(_files_digest(tmp_path / f"ref{i}"))
+    folder = tmp_path / "adapter"
+    save_adapter(models[0], folder)
+    (folder / "README.md").write_text("kept")  # a file of the user's: carried over by every save
+    rng, seen, kills, interrupted, deadline = random.Random(0), [], 0, 0, time.monotonic() + 5
+    while kills < 30 and time.monotonic() < deadline:
+        kills += 1
+        child = multiprocessing.get_context("fork").Process(target=_save_forever, args=(models, folder))
+        child.start()
+        time.sleep(rng.uniform(0.02, 0.15))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        digest = _files_digest(folder)
+        assert digest.pop("README.md") == hashlib.sha256(b"kept").hexdigest()
+        assert digest in references, sorted(digest)
+        seen.append(references.index(digest))
+        loaded = load_adapter(build_tiny("llama"), folder)
+        assert loaded.lora_config.lora_alpha == (8, 32)[references.index(digest)]
+        leftovers = list(tmp_path.glob(".adapter.lora-lab-*"))  # what the kill left beside it
+        interrupted += bool(leftovers)
+        for leftover in leftovers:
+            with pytest.raises(ValueError, match="interrupted save_adapter"):
+                read_adapter(leftover)
+    print(f"{kills} kills: {seen.count(0)} old, {seen.count(1)} new, {interrupted} during a save")
+    assert set(seen) == {0, 1}  # the kills did land during saves
+    save_adapter(models[1], folder)  # the next save removes what killed saves left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "ref0", "ref1"]
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_rank_and_alpha_patterns_round_trip_with_peft(tmp_path, use_rslora):
+    """PEFT writes rank_pattern / alpha_pattern -> lora_lab loads it equal to from_pretrained -> lora_lab
+    saves it -> PEFT loads that equal again, with the same patterns in adapter_config.json."""
+    torch.manual_seed(7)
+    peft_config = to_peft_config(
+        LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights=False),
+        use_rslora=use_rslora,
+        **PATTERNS,
+    )
+    get_peft_model(build_tiny("llama"), peft_config).save_pretrained(tmp_path / "peft")
+    ours = load_adapter(build_tiny("llama"), tmp_path / "peft")
+    layers = dict(lora_layers(ours))
+    assert (
+        layers["model.layers.0.self_attn.v_proj"].r == 2 and layers["model.layers.1.self_attn.q_proj"].r == 8
+    )
+    assert layers["model.layers.0.self_attn.q_proj"].lora_alpha == 32
+    ids = tiny_inputs(ours, batch=2, seq=10)
+    theirs = PeftModel.from_pretrained(build_tiny("llama"), tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=1e-6, rtol=0)
+    save_adapter(ours, tmp_path / "ours")
+    back = PeftModel.from_pretrained(build_tiny("llama"), tmp_path / "ours")
+    torch.testing.assert_close(_logits(back, ids), _logits(theirs, ids), atol=1e-6, rtol=0)
+    written = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
+    assert {k: written[k] for k in PATTERNS} == PATTERNS
+
+
+def test_add_lora_with_patterns_saves_what_peft_builds(tmp_path):
+    """add_lora with rank_pattern / alpha_pattern builds the layers PEFT builds; the saved file loads in PEFT."""
+    config = LoRAConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS["llama"], init_lora_weights=False, **PATTERNS
+    )
+    torch.manual_seed(8)
+    ours = add_lora(build_tiny("llama"), config)
+    theirs = get_peft_model(build_tiny("llama"), to_peft_config(config, **PATTERNS))
+    assert copy_lora_into_peft(ours, theirs) == 2 * 14  # same names and shapes everywhere
+    save_adapter(ours, tmp_path)
+    ids = tiny_inputs(ours)
+    loaded = PeftModel.from_pretrained(build_tiny("llama"), tmp_path)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(theirs.eval(), ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(ours, ids), _logits(loaded, ids), atol=1e-6, rtol=0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(config=lora_configs(), seed=st.integers(0, 1000))
+def test_save_then_load_gives_back_the_same_adapter(config, seed):
+    """Property: any adapter saved and loaded into a fresh base has the same tensors, ranks, scalings and
+    logits (eval mode, so dropout never matters)."""
+    import tempfile
+
+    torch.manual_seed(seed)
+    ours = add_lora(build_tiny("llama"), config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(ours, tmp)
+        loaded = load_adapter(build_tiny("llama"), tmp)
+    mine, theirs = dict(lora_layers(ours)), dict(lora_layers(loaded))
+    assert mine.keys() == theirs.keys()
+    for name, layer in mine.items():
+        other = theirs[name]
+        assert (other.r, other.scaling) == (layer.r, layer.scaling)
+        assert torch.equal(other.lora_A.weight, layer.lora_A.weight) and torch.equal(
+            other.lora_B.weight, layer.lora_B.weight
+        )
+    ids = tiny_inputs(ours)
+    assert torch.equal(_logits(loaded, ids), _logits(ours, ids))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_inference_like_peft
 
 from lora_lab import cli
 from lora_lab.paths import REPO_ROOT, TINY_BASE_DIR
@@ -82,7 +84,19 @@ def test_steps_must_be_positive(steps):
         ({"optimizer": "lion"}, "unknown optimizer 'lion'; valid: adamw, sgd"),
         ({"use_rslora": "yes"}, "use_rslora must be true or false"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"max_grad_norm": -1}, "max_grad_norm must be a positive number .* trains uphill"),
+        ({"max_grad_norm": 0}, "max_grad_norm must be a positive number"),
+        ({"max_grad_norm": "inf"}, "max_grad_norm must be a positive number"),
+        (
+            {"eval_limit": True},
+            "eval_limit must be null \\(all\\), 0 \\(skip\\) or a positive integer, got True",
+        ),
+        ({"eval_limit": -3}, "eval_limit must be null"),
+        ({"model": 42}, "model must be null or a path / name string"),
+        ({"train_file": ["a.jsonl"]}, "train_file must be null or a path"),
+        ({"lora_alpha": "inf"}, "positive finite number"),
     ],
+    ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else "",
 )
 def test_bad_values_say_which_key(raw, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -123,6 +137,92 @@ def test_malformed_dataset_line_names_the_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{data}, line 3: not valid JSON" in err
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def _user_row(path, last_role="assistant"):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": last_role, "content": "ok"}]}
+    return json.dumps(row)
+
+
+def _setup_train_file(tmp_path, lines):
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return {"train_file": tmp_path / "train.jsonl"}
+
+
+# Each case: what to set up in tmp_path (returns extra YAML keys / CLI options), and a message fragment.
+# Every one must fail with exit code 2 before a model is loaded, leaving --output uncreated.
+BAD_RUNS = {
+    "model_missing": (lambda t: {"model": t / "no-such-model"}, "looks like a local path but no such folder"),
+    "model_without_config_json": (
+        lambda t: {"model": (t / "empty").mkdir() or t / "empty"},
+        "has no config.json",
+    ),
+    "model_is_a_file": (lambda t: {"model": _touch(t / "weights.bin")}, "is a file, not a model folder"),
+    "train_rows_without_answer": (
+        lambda t: _setup_train_file(t, [_user_row(t), _user_row(t, last_role="user")]),
+        r"train.jsonl, line 2: the last message has role 'user', not 'assistant'",
+    ),
+    "train_row_not_chat": (
+        lambda t: _setup_train_file(t, ['{"text": "hello"}']),
+        "line 1: no non-empty 'messages'",
+    ),
+    "train_file_missing": (
+        lambda t: {"train_file": t / "nope.jsonl"},
+        r"train file .*nope.jsonl does not exist; pass a JSONL",
+    ),
+    "output_under_a_file": (
+        lambda t: {"--output": _touch(t / "file") / "out"},
+        "is a file; choose another folder",
+    ),
+    "config_is_a_folder": (lambda t: {"--config": t}, "is a folder; pass a YAML file"),
+}
+
+
+def _touch(path):
+    path.write_text("x")
+    return path
+
+
+@pytest.mark.parametrize("setup, match", list(BAD_RUNS.values()), ids=list(BAD_RUNS))
+def test_bad_runs_fail_before_the_model_loads(tmp_path, capsys, monkeypatch, setup, match):
+    import lora_lab.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr(lora_lab.models, "load_base", no_loading)
+    extra = setup(tmp_path)
+    options = {"--config": None, "--output": tmp_path / "out"} | {
+        k: v for k, v in extra.items() if k.startswith("--")
+    }
+    keys = {k: v for k, v in extra.items() if not k.startswith("--")}
+    if options["--config"] is None:
+        options["--config"] = write_yaml(
+            tmp_path, "task: sql\nsteps: 2\n" + "".join(f"{k}: {v}\n" for k, v in keys.items())
+        )
+    argv = ["train", *(str(x) for kv in options.items() for x in kv), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert re.search(match, capsys.readouterr().err), match
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_that_cannot_be_written_fails_before_training(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the case is covered by output_under_a_file")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match="cannot be written"):
+        cli.check_output_dir(locked / "out")
+
+
+def test_seq_len_that_cuts_off_every_answer_is_an_error_not_a_division_by_zero(
+    tmp_path, tiny_model_dir, capsys
+):
+    cfg = tiny_config(tmp_path, tiny_model_dir, steps=2)
+    cfg.write_text(cfg.read_text().replace("seq_len: 96", "seq_len: 4"))
+    assert cli.main(["train", "--config", str(cfg), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "seq_len=4 cuts off the whole answer of every one" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_main_reports_config_errors_as_exit_code_2(tmp_path, capsys):
@@ -282,3 +382,19 @@ def test_accelerate_launch_cpu_flag_starts_only_one_process(tmp_path):
     proc = _accelerate(_train_cmd(tmp_path / "cpu"), "--cpu", "--num_processes", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "cpu" / "metrics.json").read_text())["num_processes"] == 1
+
+
+def test_adapter_trained_with_dropout_loads_for_inference_like_peft(tmp_path, tiny_model_dir):
+    """A run with lora_dropout > 0: its saved adapter loads (lora_lab and PEFT) with dropout off."""
+    from peft import PeftModel
+
+    from lora_lab.adapters import load_adapter
+    from lora_lab.models import load_base
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, steps=2, lora_dropout=0.1)
+    assert cli.main(["train", "--config", str(cfg), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    ours, tok = load_base(str(tiny_model_dir))
+    load_adapter(ours.train(), tmp_path / "out")
+    theirs = PeftModel.from_pretrained(load_base(str(tiny_model_dir))[0].train(), tmp_path / "out")
+    ids = tok("<|user|>\nHow many users live in Ostrin?\n<|assistant|>\n", return_tensors="pt").input_ids
+    assert_inference_like_peft(ours, theirs, ids)

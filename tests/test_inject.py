@@ -176,7 +176,17 @@ def test_mark_only_lora_as_trainable(tiny_llama):
         ({"target_modules": "("}, ValueError, "not a valid regular expression"),
         ({"target_modules": 5}, TypeError, "target_modules"),
         ({"bias": "all"}, ValueError, "bias='none'"),
+        ({"lora_alpha": float("inf")}, ValueError, "positive finite number"),
+        ({"lora_alpha": float("nan")}, ValueError, "positive finite number"),
+        ({"lora_dropout": float("nan")}, ValueError, r"\[0, 1\)"),
+        ({"rank_pattern": {"q_proj": 0}}, ValueError, r"rank_pattern\['q_proj'\]: r \(the LoRA rank\)"),
+        ({"rank_pattern": {"q_proj": 2.5}}, ValueError, r"rank_pattern\['q_proj'\]"),
+        ({"rank_pattern": {"(": 2}}, ValueError, "not a valid regular expression"),
+        ({"rank_pattern": ["q_proj"]}, TypeError, "rank_pattern must be a dict"),
+        ({"alpha_pattern": {"v_proj": float("inf")}}, ValueError, r"alpha_pattern\['v_proj'\]: lora_alpha"),
+        ({"alpha_pattern": {"": 4}}, ValueError, "module name patterns"),
     ],
+    ids=lambda v: str(v) if isinstance(v, dict) else "",
 )
 def test_bad_config_is_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -188,6 +198,25 @@ def test_config_mutated_to_bad_value_is_refused_by_add_lora(tiny_llama):
     config.r = 0
     snap = _snapshot(tiny_llama)
     with pytest.raises(ValueError, match="positive integer"):
+        add_lora(tiny_llama, config)
+    _assert_unchanged(tiny_llama, snap)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (
+            LoRAConfig(r=1000, target_modules=["q_proj"]),
+            r"r=1000 is larger than layer model\.layers\.0\.self_attn\.q_proj",
+        ),
+        (LoRAConfig(r=17, target_modules=["k_proj"]), r"\[16, 32\], so B A has rank at most 16.*Use r <= 16"),
+        (LoRAConfig(r=4, target_modules=["q_proj", "k_proj"], rank_pattern={"k_proj": 32}), "r=32 is larger"),
+    ],
+    ids=["r_1000_on_32x32", "r_17_on_16x32", "rank_pattern_too_big"],
+)
+def test_rank_larger_than_the_layer_is_refused(tiny_llama, config, match):
+    snap = _snapshot(tiny_llama)
+    with pytest.raises(ValueError, match=match):
         add_lora(tiny_llama, config)
     _assert_unchanged(tiny_llama, snap)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TARGETS, build_tiny, copy_lora_into_peft, tiny_inputs, to_peft_config
+from conftest import TARGETS, build_tiny, copy_lora_into_peft, lora_configs, tiny_inputs, to_peft_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import get_peft_model
 from torch import nn
 
@@ -137,3 +139,20 @@ def test_merge_into_a_quantized_base_is_refused_before_any_change():
         merge_and_unload(model)
     assert _same(model, snapshot)
     assert isinstance(model[0], LoRALinear) and not model[0].merged
+
+
+@settings(max_examples=10, deadline=None)
+@given(config=lora_configs(), seed=st.integers(0, 1000))
+def test_merge_equals_the_unmerged_patch_and_unmerge_restores_the_weights(config, seed):
+    """Property: for any adapter, merged logits equal unmerged ones and unmerging gives W back."""
+    torch.manual_seed(seed)
+    model = add_lora(build_tiny("llama"), config).eval()
+    before = _weights(model)
+    ids = tiny_inputs(model)
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        merge_adapters(model)
+        torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+        unmerge_adapters(model)
+    now = model.state_dict()
+    assert all(torch.allclose(now[k], v, rtol=0, atol=1e-5) for k, v in before.items())

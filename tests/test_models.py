@@ -47,3 +47,22 @@ def test_offline_hub_id_fails_fast_and_names_the_default(monkeypatch, offline_en
         models.load_base("some-org/some-model-that-is-not-cached")
     assert time.perf_counter() - t < 5
     assert models.BASE_MODEL_ENV in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda t: t / "missing", FileNotFoundError, "looks like a local path but no such folder"),
+        (lambda t: (t / "empty").mkdir() or t / "empty", FileNotFoundError, "has no config.json file"),
+        (
+            lambda t: (t / "config.json").write_text("{}") and t / "config.json",
+            FileNotFoundError,
+            "is a file",
+        ),
+        (lambda t: 42, TypeError, "a folder path or a Hub id"),
+    ],
+    ids=["missing_folder", "folder_without_config_json", "path_to_config_json", "not_a_string"],
+)
+def test_bad_model_names_are_refused_before_loading(tmp_path, make, error, match):
+    with pytest.raises(error, match=match):
+        models.load_base(make(tmp_path))

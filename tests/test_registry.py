@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TARGETS, build_tiny, save_peft_adapter, tiny_inputs
+from conftest import TARGETS, assert_inference_like_peft, build_tiny, save_peft_adapter, tiny_inputs
 from peft import PeftModel
 
 from lora_lab.registry import AdapterRegistry
@@ -246,3 +246,147 @@ def test_merge_equals_unmerged_and_unmerge_restores_base(adapter_dirs):
         torch.testing.assert_close(_logits(registry.model, ids), base, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="nothing to unmerge"):
         registry.unmerge()
+
+
+def test_adapter_saved_with_dropout_serves_like_peft(dropout_adapter_dir):
+    """lora_dropout=0.1 in the file: set_adapter and a mixed batch are deterministic and equal PEFT's."""
+    from lora_lab import serving
+
+    registry = AdapterRegistry(build_tiny("llama").train())  # even a model left in train mode
+    registry.load("d", dropout_adapter_dir)
+    registry.set_adapter("d")
+    theirs = PeftModel.from_pretrained(build_tiny("llama").train(), dropout_adapter_dir)
+    ids = tiny_inputs(registry.model, batch=2, seq=9)
+    assert_inference_like_peft(registry.model, theirs, ids)
+    mixed = [serving.forward(registry, ids, ["d", "d"]) for _ in range(2)]
+    assert torch.equal(mixed[0], mixed[1])
+    torch.testing.assert_close(mixed[0], _logits(theirs, ids), atol=ATOL, rtol=0)
+
+
+def test_rank_and_alpha_patterns_serve_and_merge_like_peft(pattern_adapter_dir, adapter_dirs):
+    """An adapter with rank_pattern / alpha_pattern: set_adapter and merge equal PEFT's from_pretrained."""
+    registry = AdapterRegistry(build_tiny("llama"), max_rank=8)
+    registry.load("p", pattern_adapter_dir)
+    registry.load("a", adapter_dirs["a"])
+    assert registry.adapter("p").r == 8  # the largest rank of any layer
+    theirs = PeftModel.from_pretrained(build_tiny("llama"), pattern_adapter_dir).eval()
+    ids = tiny_inputs(registry.model, batch=2, seq=7)
+    registry.set_adapter("p")
+    torch.testing.assert_close(_logits(registry.model, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
+    registry.disable()
+    registry.merge("p")
+    torch.testing.assert_close(_logits(registry.model, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
+    registry.unmerge()
+    with pytest.raises(ValueError, match="r=8, above this registry's max_rank=4"):
+        AdapterRegistry(build_tiny("llama"), max_rank=4).load("p", pattern_adapter_dir)
+
+
+def _broken_copy(src, dst, **config_changes):
+    """A copy of an adapter folder with one NaN in a tensor (no changes) or with config changes."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if config_changes:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps(cfg | config_changes))
+    else:
+        tensors = load_file(dst / "adapter_model.safetensors")
+        tensors[sorted(tensors)[0]][0, 0] = float("nan")
+        save_file(tensors, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+REGISTRY_BAD_ARGS = {
+    "max_device_bytes_true": ({"max_device_bytes": True}, "max_device_bytes must be a positive int"),
+    "max_device_bytes_float": ({"max_device_bytes": 1e6}, "max_device_bytes must be a positive int"),
+    "max_rank_true": ({"max_rank": True}, "max_rank must be a positive int"),
+    "max_rank_zero": ({"max_rank": 0}, "max_rank must be a positive int"),
+}
+
+
+@pytest.mark.parametrize("kwargs, match", list(REGISTRY_BAD_ARGS.values()), ids=list(REGISTRY_BAD_ARGS))
+def test_bad_registry_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdapterRegistry(build_tiny("llama"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [({}, "1 NaN/inf value"), ({"r": 8, "lora_alpha": 16}, r"rank-4 tensors .* says r=8")],
+    ids=["nan_in_a_tensor", "config_r_8_tensors_r_4"],
+)
+def test_broken_adapter_files_are_refused_by_the_registry(adapter_dirs, tmp_path, changes, match):
+    registry = AdapterRegistry(build_tiny("llama"))
+    registry.load("a", adapter_dirs["a"])
+    snapshot, layers = _snapshot(registry.model), registry.layer_names()
+    with pytest.raises(ValueError, match=match):
+        registry.load(
+            "broken",
+            _broken_copy(adapter_dirs["a"], tmp_path / "x", **changes),
+        )
+    assert (
+        registry.names() == ["a"]
+        and registry.layer_names() == layers
+        and _same_state(registry.model, snapshot)
+    )
+
+
+def test_pickle_only_adapter_names_the_registry_option(adapter_dirs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(adapter_dirs["a"], tmp_path / "bin")
+    torch.save(
+        load_file(tmp_path / "bin" / "adapter_model.safetensors"), tmp_path / "bin" / "adapter_model.bin"
+    )
+    (tmp_path / "bin" / "adapter_model.safetensors").unlink()
+    registry = AdapterRegistry(build_tiny("llama"))
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        registry.load("bin", tmp_path / "bin")
+    assert registry.names() == []
+    registry.load("bin", tmp_path / "bin", allow_pickle=True)  # the option the message names exists
+    assert registry.names() == ["bin"]
+
+
+CHANGES_DURING_A_MIXED_BATCH = {
+    "load": lambda reg, dirs: reg.load("c", dirs["c"]),
+    "delete": lambda reg, dirs: reg.delete("b"),
+    "set_adapter": lambda reg, dirs: reg.set_adapter("b"),
+    "disable": lambda reg, dirs: reg.disable(),
+    "merge": lambda reg, dirs: reg.merge("a"),
+    "unmerge": lambda reg, dirs: reg.unmerge(),
+    "another_mixed_batch": lambda reg, dirs: _forward(reg),
+}
+
+
+def _forward(registry):
+    from lora_lab import serving
+
+    return serving.forward(registry, tiny_inputs(registry.model, batch=2), ["b", "a"])
+
+
+@pytest.mark.parametrize(
+    "change", list(CHANGES_DURING_A_MIXED_BATCH.values()), ids=list(CHANGES_DURING_A_MIXED_BATCH)
+)
+def test_registry_changes_inside_a_mixed_batch_are_refused(adapter_dirs, change):
+    """Inside `with serving.mixed_batch(...)` the rows are bound to their adapters: changes would
+    silently turn every row into the base model, so they raise and leave the batch running."""
+    from lora_lab import serving
+
+    registry = AdapterRegistry(build_tiny("llama"))
+    registry.load("a", adapter_dirs["a"])
+    registry.load("b", adapter_dirs["b"])
+    ids = tiny_inputs(registry.model, batch=2)
+    expected = serving.forward(registry, ids, ["a", "b"])
+    with serving.mixed_batch(registry, ["a", "b"]):
+        with pytest.raises(
+            RuntimeError, match="inside an open serving.mixed_batch block.*Leave the `with` block"
+        ):
+            change(registry, adapter_dirs)
+        torch.testing.assert_close(_logits(registry.model, ids), expected, atol=0, rtol=0)
+    assert registry.names() == ["a", "b"] and registry.open_mixed_batches == 0
+    registry.load("c", adapter_dirs["c"])  # fine again after the block

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TARGETS, build_tiny, save_peft_adapter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peft import PeftModel
 
 from lora_lab import serving
@@ -207,3 +209,48 @@ def test_bundled_model_mixed_generation(tmp_path):
     for prompt, name, text in zip(prompts, names, mixed):
         assert text == serving.generate_text(registry, tokenizer, [prompt], [name], max_new_tokens=12)[0]
     assert len(set(mixed[:3])) == 3  # q, all and base answer differently
+
+
+def test_mixed_batch_with_rank_and_alpha_patterns_equals_each_request_alone(
+    adapter_dirs, pattern_adapter_dir
+):
+    registry = _registry(adapter_dirs)
+    registry.load("p", pattern_adapter_dir)
+    names = ["p", "a", None, "p", "c"]
+    rows, input_ids, mask = _prompts(n=len(names))
+    mixed = serving.forward(registry, input_ids, names, attention_mask=mask)
+    for i, (name, row) in enumerate(zip(names, rows)):
+        alone = _alone_logits(registry, name, row)
+        torch.testing.assert_close(mixed[i, -len(row) :], alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "width, max_new_tokens, match",
+    [
+        (60, 10, "prompt of 60 tokens plus max_new_tokens=10 exceeds the model's 64 positions"),
+        (8, True, "max_new_tokens must be a positive integer"),
+        (8, 0, "max_new_tokens must be a positive integer"),
+    ],
+    ids=["longer_than_positions", "max_new_tokens_true", "max_new_tokens_0"],
+)
+def test_generation_that_cannot_fit_is_refused(adapter_dirs, width, max_new_tokens, match):
+    registry = _registry(adapter_dirs)
+    ids = torch.randint(3, 128, (3, width), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        serving.generate(registry, ids, ["a", None, "b"], max_new_tokens=max_new_tokens)
+    assert registry.open_mixed_batches == 0
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    names=st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=5), seed=st.integers(0, 100)
+)
+def test_any_mixed_batch_equals_its_requests_one_by_one(adapter_dirs, names, seed):
+    """Property: whatever adapter each row asks for, a mixed batch gives every row the logits it gets alone."""
+    registry = _registry(adapter_dirs)
+    rows, input_ids, mask = _prompts(n=len(names), seed=seed)
+    mixed = serving.forward(registry, input_ids, names, attention_mask=mask)
+    for i, (name, row) in enumerate(zip(names, rows)):
+        torch.testing.assert_close(
+            mixed[i, -len(row) :], _alone_logits(registry, name, row), atol=ATOL, rtol=0
+        )

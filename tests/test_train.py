@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_lab import data
-from lora_lab.train import encode_chat, train
+from lora_lab.train import encode_chat, encode_example, encode_examples, train
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,25 @@ def test_plain_text_examples_train(base):
     ({"steps": 5, "lr": 0.0}, "lr must be a positive number"),
     ({"steps": 5, "lr": float("nan")}, "lr must be a positive number"),
     ({"steps": 5, "lr": 1e-3, "optimizer": "lion"}, "unknown optimizer"),
-])  # fmt: skip
+    ({"steps": 5, "lr": 1e-3, "max_grad_norm": -1.0}, "max_grad_norm must be a positive number.*trains uphill"),
+    ({"steps": 5, "lr": 1e-3, "max_grad_norm": float("nan")}, "max_grad_norm must be a positive number"),
+    ({"steps": 5, "lr": 1e-3, "seq_len": 4}, "seq_len=4 cuts off the whole answer of every one of the 2 examples"),
+], ids=["steps_0", "lr_0", "lr_nan", "optimizer_lion", "max_grad_norm_negative", "max_grad_norm_nan",
+        "seq_len_cuts_every_answer"])  # fmt: skip
 def test_bad_arguments_raise_clear_errors(base, kwargs, match):
     model, tok = base
     with pytest.raises(ValueError, match=match):
         train(model, tok, data.load_task("sql", "train")[:2], progress=False, **kwargs)
+
+
+def test_examples_whose_answer_seq_len_cuts_off_are_left_out_with_a_warning(base):
+    model, tok = base
+    examples = data.load_task("support", "train")[:40]
+    prompts = [encode_example(tok, ex, 10_000)[1].count(-100) for ex in examples]  # prompt lengths
+    seq_len = sorted(prompts)[len(prompts) // 2]  # cuts off every answer after the longer half's prompts
+    with pytest.warns(UserWarning, match=f"seq_len={seq_len} cuts off the whole answer of"):
+        kept = encode_examples(tok, examples, seq_len)
+    assert 0 < len(kept) < len(examples) and all(any(t != -100 for t in labels[1:]) for _, labels in kept)
 
 
 def test_no_trainable_parameters_is_an_error(base):

@@ -24,7 +24,7 @@ from peft.utils import loftq_utils
 from lora_lab import bnb_cpu
 from lora_lab.adapters import load_adapter, save_adapter
 from lora_lab.dora import DoRALinear, add_dora, load_dora_adapter, save_dora_adapter
-from lora_lab.inject import LoRAConfig, add_lora, lora_layers
+from lora_lab.inject import LoRAConfig, _set_submodule, add_lora, lora_layers
 from lora_lab.layers import LoRALinear
 from lora_lab.merge import merge_and_unload
 from lora_lab.nf4 import dequantize_nf4, quantize_nf4
@@ -557,8 +557,13 @@ def test_loftq_adapter_saves_and_reloads_on_its_quantized_base(tmp_path):
 
 
 def test_init_variant_checks_every_layer_before_changing_any():
-    """q_proj ([32, 32]) could take r=20 but k_proj ([16, 32]) cannot: nothing may change."""
-    ours = _ours(LoRAConfig(r=20, lora_alpha=20, target_modules=["q_proj", "k_proj"]))
+    """q_proj ([32, 32]) could take r=20 but k_proj ([16, 32]) cannot: nothing may change.
+
+    add_lora itself refuses r=20 on k_proj, so k_proj is wrapped by hand to reach init_variant's check.
+    """
+    ours = _ours(LoRAConfig(r=20, lora_alpha=20, target_modules=["q_proj"]))
+    for name in [n for n, _ in ours.named_modules() if n.endswith("k_proj")]:
+        _set_submodule(ours, name, LoRALinear(ours.get_submodule(name), r=20, lora_alpha=20))
     snapshot = {k: v.clone() for k, v in ours.state_dict().items()}
     with pytest.raises(ValueError, match="r=20 is larger than the 16 components"):
         init_variant(ours, "pissa")

@@ -227,3 +227,79 @@ def test_server_that_fails_to_start_reports_its_log_tail(tmp_path):
         vllm_server.start(broken, timeout=300)
     assert "Log tail" in str(err.value) and len(str(err.value)) > 200  # the server's own words are included
     assert time.monotonic() - began < 300  # it failed fast instead of waiting for the timeout
+
+
+# ---------------------------------------------------------------------------- another service on the port
+# (no vLLM needed: a small HTTP server on 127.0.0.1 that answers /health like vLLM does)
+
+
+@pytest.fixture
+def impostor():
+    """An HTTP server on a free 127.0.0.1 port: /health is 200, /v1/models lists `served` (settable)."""
+    import http.server
+    import threading
+
+    state = {"served": ["someone-else"]}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/v1/models" and state["served"] is not None:
+                body, code = json.dumps({"data": [{"id": m} for m in state["served"]]}).encode(), 200
+            elif self.path == "/health":
+                body, code = b"", 200
+            else:
+                body, code = b"not found", 404
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1], state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _sleeping_server(port, base_model="ours"):
+    """A VLLMServer record whose process is alive (a sleep) but whose port is the impostor's."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    return vllm_server.VLLMServer(process, f"http://127.0.0.1:{port}", base_model, None, [])
+
+
+def test_start_refuses_a_port_where_another_service_answers(impostor, tmp_path):
+    port, _ = impostor
+    (tmp_path / "config.json").write_text("{}")
+    began = time.monotonic()
+    with pytest.raises(vllm_server.VLLMError, match=f"port {port} on 127.0.0.1 is already in use.*port=None"):
+        vllm_server.start(tmp_path, port=port)
+    assert time.monotonic() - began < 5  # refused before any server process was started
+
+
+@pytest.mark.parametrize("served", [["someone-else"], None], ids=["other_model_ids", "no_models_endpoint"])
+def test_readiness_needs_our_model_on_the_port_not_just_a_health_answer(impostor, served):
+    port, state = impostor
+    state["served"] = served
+    server = _sleeping_server(port)
+    try:
+        with pytest.raises(vllm_server.VLLMError, match="not as the vLLM server started here.*port=None"):
+            vllm_server._wait_ready(server, timeout=30)
+        state["served"] = ["ours", "sql"]  # the right server answers: ready
+        vllm_server._wait_ready(server, timeout=30)
+    finally:
+        server.process.kill()
+        server.process.wait()
+
+
+def test_bad_port_values_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    for port in (0, 70000, True, "8000"):
+        with pytest.raises(ValueError, match="port must be an int in 1..65535"):
+            vllm_server.start(tmp_path, port=port)
