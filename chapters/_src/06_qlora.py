@@ -395,8 +395,8 @@ print(f"relative error, portable path and lora_lab: {rel_error(right):.3f}")
 print("relative error, the AVX512 kernel's scales: "
       f"{rel_error(like_avx512):.3f}")
 assert rel_error(like_avx512) > 2 * rel_error(right)
-widths = {"this model": {*W.shape, *(w.shape[1] for w in linear_weights.values())},
-          "Llama-2-7B": {4096, 11008}}
+rows_here = {w.shape[1] for w in linear_weights.values()}  # in_features
+widths = {"this model": {*W.shape, *rows_here}, "Llama-2-7B": {4096, 11008}}
 for name, ws in widths.items():
     hit = [n for n in sorted(ws) if bnb_cpu.block_spans_rows((8, n), 64)]
     print(f"{name}: row lengths {sorted(ws)}, hit at blocksize 64: {hit}")

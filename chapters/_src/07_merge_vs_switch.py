@@ -575,7 +575,7 @@ try:
     from vllm.config.lora import LoRAConfig as VLLMLoRAConfig
 except ImportError:
     VLLMLoRAConfig = None
-    print("vLLM is not installed here: check skipped (pip install vllm to run it)")
+    print("vLLM is not installed here: check skipped (pip install vllm)")
 if VLLMLoRAConfig is not None:
     try:
         VLLMLoRAConfig(max_lora_rank=12)
