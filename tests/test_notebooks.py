@@ -119,6 +119,8 @@ def test_setup_and_parameters_cells_come_first(path):
     assert '"google.colab" in sys.modules' in setup, "the setup cell must do nothing outside Colab"
     code = "\n".join(line for line in setup.splitlines() if not line.lstrip().startswith("#"))
     assert "torch" not in code, "the setup cell must never install or reinstall torch"
+    extras = re.search(r'^EXTRAS = "([a-z,]*)"', setup, re.M).group(1).split(",")
+    assert "book" not in extras, "Colab needs no book-building extra (jupyter-book, jupyterlab)"
     assert params.startswith("# Parameters"), "the second code cell must be the parameters cell"
 
 
