@@ -14,7 +14,7 @@
 # | 3 | {ref}`vLLM's max_lora_rank <trouble-vllm-rank>` | `LoRA rank 16 is greater than max_lora_rank 8` | {ref}`chapter 07 <claim-vllm>` |
 # | 4 | {ref}`generation that never stops <trouble-eos>` | output runs to `max_new_tokens` | {ref}`chapter 05 <claim-sfttrainer>` |
 # | 5 | {ref}`alpha vs alpha/r <trouble-alpha>` | an adapter r times too strong (or weak) | {ref}`chapter 04 <claim-alpha-fixed>` |
-# | 6 | {ref}`parameter counts that look wrong <trouble-param-count>` | a 4-bit model "loses" a third of its weights | {ref}`chapter 02 <claim-print-trainable>` |
+# | 6 | {ref}`parameter counts that look wrong <trouble-param-count>` | a 4-bit model counts far fewer weights than it has | {ref}`chapter 02 <claim-print-trainable>` |
 # | 7 | {ref}`size mismatch after resizing the vocabulary <trouble-vocab>` | `RuntimeError: size mismatch for ...embed_tokens...` | {ref}`chapter 03 <claim-where-to-patch>` |
 # | 8 | {ref}`adapter loaded but not applied <trouble-adapter-inactive>` | outputs identical to before loading | {ref}`chapter 07 <claim-multi-adapter>` |
 #
@@ -280,13 +280,13 @@ assert gap(logits(merged), trained) < 1e-4
 # ## 3. vLLM's `max_lora_rank`
 #
 # **Symptom.** vLLM starts, then refuses the adapter: `ValueError: LoRA rank 64 is greater
-# than max_lora_rank 16.` (vllm-project/vllm#2847; the same error in hiyouga/LlamaFactory#9512
-# and modelscope/ms-swift#4221). vLLM reserves its LoRA buffers at start-up for ranks up to
-# `max_lora_rank`, 16 unless you say otherwise, and accepts only a fixed list of values
-# for it. Reproduced with vLLM's own classes (no server needed): the configuration a
-# server gets from `--max-lora-rank`, and the check its workers run on each adapter's
-# `adapter_config.json`. (vLLM runs on Linux; elsewhere, on Colab too, this cell says so
-# and skips.)
+# than max_lora_rank 16.` (vllm-project/vllm#2847; the same error in
+# hiyouga/LlamaFactory#9512 and modelscope/ms-swift#4221). vLLM reserves its LoRA
+# buffers at start-up for ranks up to `max_lora_rank`, 16 unless you say otherwise, and
+# accepts only a fixed list of values for it. Reproduced with vLLM's own classes (no
+# server needed): the configuration a server gets from `--max-lora-rank`, and the check
+# its workers run on each adapter's `adapter_config.json`. (vLLM runs on Linux;
+# elsewhere, on Colab too, this cell says so and skips.)
 
 # %%
 rank16_dir = WORK / "rank16-adapter"
@@ -433,7 +433,8 @@ assert broken[1] == 0 and fixed[1] == fixed[0] > 0
 # $\alpha/\sqrt{r}$). Implementations that multiply by $\alpha$ alone exist: a reader
 # reported the missing rank in a popular from-scratch book (rasbt/LLMs-from-scratch#821;
 # its PR #1080 later moved the code to alpha/rank), and mlx-vlm's trainer had it too
-# ("8x scaling error with default settings", Blaizzy/mlx-vlm#845). The same $A$ and $B$, scaled both ways, in one layer:
+# ("8x scaling error with default settings", Blaizzy/mlx-vlm#845). The same $A$ and $B$,
+# scaled both ways, in one layer:
 
 # %%
 patched = random_adapter(base, seed=3)
@@ -534,17 +535,20 @@ print(f"trainable {ours[0]:,} of {ours[1]:,}:"
       f" {100 * ours[0] / ours[1]:.4f}% (PEFT's trainable%),"
       f" {100 * ours[0] / fp32_total:.4f}% of the base alone")
 assert ours == peft_count and ours[1] == fp32_total + ours[0]
+assert qlora.get_base_model().num_parameters() == ours[1]  # transformers
 
 # %% [markdown]
 # The same two effects explain most of the puzzling `print_trainable_parameters` lines in
 # tutorials: {ref}`chapter 05 <claim-sfttrainer>` counts Llama-2-7B exactly (0.5898% at
-# r=16 on every linear layer), and the claims ledger lists the figures that do not add up.
+# r=16 on every linear layer), and the {doc}`claims ledger <../reference/claims>` lists
+# the figures that do not add up.
 #
 # (trouble-vocab)=
 # ## 7. Size mismatch after resizing the vocabulary
 #
 # **Symptom.** Training added tokens (new special tokens, a chat format: TRL's
-# `setup_chat_format` does both, huggingface/peft#1932) and resized the embeddings. Loading the adapter onto a fresh base fails:
+# `setup_chat_format` does both, huggingface/peft#1932) and resized the embeddings.
+# Loading the adapter onto a fresh base fails:
 # `RuntimeError: Error(s) in loading state_dict ... size mismatch for ...embed_tokens...`
 # (huggingface/peft#2415, "size mismatch for lm_head when finetune QWEN2.5"; the same in
 # axolotl-ai-cloud/axolotl#2277). Because the vocabulary changed, PEFT saves the whole
@@ -605,10 +609,11 @@ assert gap(logits(reloaded, probe), logits(vocab_model, probe)) < 1e-5
 # were before. Two common ways. (a) `load_adapter` adds an adapter but does not switch to
 # it: the active adapter is still the first one (huggingface/peft#515 reports the
 # symptom; loading and switching several adapters trips people up, huggingface/peft#1574,
-# and PEFT's troubleshooting guide gained a section on using several adapters, PR #2763). (b) The file's tensor names do not match the
-# model's layers (another base model, a renamed module, a different `adapter_name`); PEFT
-# only *warns* "Found missing adapter keys", leaves those layers at their initial
-# $B = 0$, and the model computes the base model (huggingface/peft#2566, #2699).
+# and PEFT's troubleshooting guide gained a section on using several adapters, PR #2763).
+# (b) The file's tensor names do not match the model's layers (another base model, a
+# renamed module, a different `adapter_name`); PEFT only *warns* "Found missing adapter
+# keys", leaves those layers at their initial $B = 0$, and the model computes the base
+# model (huggingface/peft#2566, #2699).
 
 # %%
 support_dir, sql_dir = WORK / "support", WORK / "sql"
@@ -688,7 +693,7 @@ assert adapter_changes_outputs(model) and not adapter_changes_outputs(silent)
 # | 3 | `LoRA rank 16 is greater than max_lora_rank 8` | `--max-lora-rank` ≥ every adapter's `r` and `rank_pattern` | read the ranks from `adapter_config.json` |
 # | 4 | output runs to `max_new_tokens` | stop on the template's end-of-turn token; pad ≠ eos | end tokens carry loss; `generate` stops |
 # | 5 | adapter r times too strong or weak | know $\alpha/r$ vs $\alpha$; convert `lora_alpha` | same update in both tools |
-# | 6 | 4-bit model "loses" weights; odd `trainable%` | count packed weights ×2; share of base + adapter | equals the fp32 count |
+# | 6 | 4-bit model counts too few weights; odd `trainable%` | count packed weights ×2; share of base + adapter | equals the fp32 count |
 # | 7 | `size mismatch for ...embed_tokens...` | resize the fresh base to the saved tokenizer first | logits equal the trained model's |
 # | 8 | outputs unchanged after loading | `set_adapter`; treat missing keys as an error | adapter on ≠ adapter off |
 #
