@@ -398,6 +398,7 @@ assert all_top > 0.5 and all_top > 3 * all_rand, (all_top, all_rand)
 #   shows.
 # - The weight change of a real full fine-tune is concentrated in a few directions, which
 #   is what lets a rank-8 patch stand in for it.
+# - A 4-bit model counted with `numel()` seems to have far fewer weights than it has: {ref}`troubleshooting <trouble-param-count>`.
 #
 # ## Exercises
 #
