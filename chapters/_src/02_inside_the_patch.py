@@ -409,6 +409,7 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
 #   shows.
 # - The weight change of a real full fine-tune is concentrated in a few directions, which
 #   is what lets a rank-8 patch stand in for it.
+# - A 4-bit model counted with `numel()` seems to have far fewer weights than it has: {ref}`troubleshooting <trouble-param-count>`.
 #
 # ## Exercises
 #

@@ -338,6 +338,7 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
 # - LoRA on the embedding and head adds few trainable numbers but, saved PEFT's default way,
 #   ships the full vocabulary matrices in the adapter file: here several times the size of
 #   everything else, on Llama-2-7B a gigabyte.
+# - After adding tokens, load such an adapter onto a base resized to the same vocabulary: {ref}`troubleshooting <trouble-vocab>`.
 #
 # ## Exercises
 #

@@ -338,6 +338,7 @@ for x in live_runs:
 # - rsLoRA's `alpha / sqrt(r)` keeps the update's size within 15% across r=1..64.
 # - alpha acts like a learning-rate multiplier: exactly at the first step under Adam, as
 #   lr squared under SGD, and only approximately after that.
+# - An adapter r times too strong or weak in another tool: {ref}`alpha vs alpha/r <trouble-alpha>` (troubleshooting).
 #
 # ## Exercises
 #

@@ -470,6 +470,7 @@ for name, source in [("lora_lab adapter in PEFT", "lora_lab loop"),
 # - `save_pretrained` writes `adapter_config.json` and `adapter_model.safetensors`;
 #   `PeftModel.from_pretrained` and `lora_lab.adapters.load_adapter` read it to identical
 #   logits.
+# - When this breaks: {ref}`TRL renames <trouble-trl>`, {ref}`generation that never stops <trouble-eos>`, {ref}`odd parameter counts <trouble-param-count>`, {ref}`an adapter that loads but does nothing <trouble-adapter-inactive>`.
 #
 # ## Exercises
 #

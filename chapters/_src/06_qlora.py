@@ -1078,6 +1078,7 @@ merge_plan(ql_model)
 # - Merging into a 4-bit base is a choice: full precision (exact, big), unmerged (exact,
 #   small, a little extra compute) or re-quantized (small, but rounded: PEFT merges a
 #   `load_in_4bit` model without an error and warns that generations may differ).
+# - Merging or counting a 4-bit model: {ref}`merging a 4-bit model <trouble-4bit-merge>` and {ref}`parameter counts <trouble-param-count>` (troubleshooting).
 #
 # ## Exercises
 #

@@ -652,6 +652,7 @@ assert tps["lora_lab_mixed"] > 3 * tps["merge_per_group"]
 #   at 16 adapters.
 # - vLLM combines PagedAttention (KV cache) with Punica-style LoRA kernels; start it with
 #   `--enable-lora --lora-modules` and a `--max-lora-rank` at least every adapter's rank.
+# - A server that refuses an adapter, or an adapter that changes nothing: {ref}`max_lora_rank <trouble-vllm-rank>`, {ref}`adapter loaded but not applied <trouble-adapter-inactive>` (troubleshooting).
 #
 # ## Exercises
 #
