@@ -7,10 +7,19 @@ of this file; please do not change the existing ones.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from lora_lab.paths import TINY_BASE_DIR
+
+# Property-based tests draw the same examples on every run (a CI failure can be re-run and fixed);
+# HYPOTHESIS_PROFILE=explore searches new examples, for a session hunting bugs.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # The linear layers each family has, for target_modules in tests.
 TARGETS = {

@@ -26,13 +26,13 @@
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
-# torch build); does nothing anywhere else.
+# torch and transformers); does nothing anywhere else.
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
-EXTRAS = "train"  # pip extras this chapter needs
+EXTRAS = "train"  # never "book": Colab has plotting
 HOME = "/content/lora-lab"
 if "google.colab" in sys.modules:
     if not os.path.isdir(HOME):
@@ -42,9 +42,14 @@ if "google.colab" in sys.modules:
         subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
     os.chdir(f"{HOME}/chapters")
     sys.path.insert(0, HOME)
+    from importlib.metadata import version  # what this runtime ended up with
+    print({n: version(n) for n in ("transformers", "peft", "trl",
+                                   "bitsandbytes", "accelerate")})
 
 # %%
-# Parameters: change these to run the page on another model or device.
+# Parameters. The symptoms below are sized on the bundled model, so this page
+# uses it even where LORA_LAB_BASE_MODEL names another; set BASE_MODEL to try
+# yours (some asserts about sizes may then not hold).
 BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / path
 SEED = 0
 R, ALPHA = 8, 16  # LoRA rank and alpha of the demo adapters
@@ -92,7 +97,7 @@ print(lora_lab.runtime.describe())
 # "> bound" so that its CPU-dependent digits stay out of the stored output.
 
 # %%
-base, tok = models.load_base(BASE_MODEL)
+base, tok = models.load_base(BASE_MODEL or models.TINY_BASE_DIR)
 DEVICE = base.device
 question = data.load_task("support", "test")[0]["messages"][:1]
 prompt = tok.apply_chat_template(question, add_generation_prompt=True,
@@ -220,7 +225,7 @@ print("SFTTrainer built with the new names")
 # {ref}`chapter 06 <claim-bnb-cpu-kernel>`), an adapter on top, merged.
 
 # %%
-base_path = models.resolve_base_name(BASE_MODEL)
+base_path = models.resolve_base_name(BASE_MODEL or models.TINY_BASE_DIR)
 nf4_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
