@@ -35,7 +35,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "lora_scaling", "base_in_out_features", "is_conv1d"]
+__all__ = ["LoRALinear", "lora_scaling", "base_in_out_features", "is_conv1d", "check_hyperparameters"]
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -69,7 +69,7 @@ def base_in_out_features(module: nn.Module) -> tuple[int, int]:
     )
 
 
-def _check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
+def check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
     """Reject impossible settings with a message that says what to pass instead."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(
@@ -125,7 +125,7 @@ class LoRALinear(nn.Module):
         fan_in_fan_out: bool | None = None,
     ) -> None:
         super().__init__()
-        _check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
+        check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
         if isinstance(base_layer, LoRALinear):
             raise TypeError("this layer already has LoRA; wrap the original layer, not a LoRALinear")
         in_features, out_features = base_in_out_features(base_layer)
@@ -221,7 +221,7 @@ class LoRALinear(nn.Module):
         delta = delta * self.scaling
         return delta.to(dtype) if upcast else delta
 
-    def _mergeable_weight(self) -> torch.Tensor:
+    def mergeable_weight(self) -> torch.Tensor:
         """The base weight to merge into; TypeError if it is quantized or missing."""
         weight = getattr(self.base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
@@ -236,7 +236,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """W + dW as a new tensor (the base weight is not touched)."""
-        weight = self._mergeable_weight()
+        weight = self.mergeable_weight()
         return weight + self.delta_weight().to(weight.dtype)
 
     @torch.no_grad()
@@ -250,7 +250,7 @@ class LoRALinear(nn.Module):
             raise ValueError(
                 "this LoRA layer is already merged; call unmerge() first (merging twice adds dW twice)"
             )
-        weight = self._mergeable_weight()
+        weight = self.mergeable_weight()
         if safe:
             new_weight = weight.clone()
             new_weight += self.delta_weight().to(weight.dtype)
@@ -269,7 +269,7 @@ class LoRALinear(nn.Module):
         """Take the patch back out: W <- W - B A * scaling (exact up to float rounding)."""
         if not self.merged:
             raise ValueError("this LoRA layer is not merged, so there is nothing to unmerge")
-        weight = self._mergeable_weight()
+        weight = self.mergeable_weight()
         weight.data -= self.delta_weight().to(weight.dtype)
         self.merged = False
 

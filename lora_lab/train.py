@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 __all__ = [
     "train",
@@ -229,39 +230,26 @@ def train(
         encoded = encode_examples(tokenizer, examples, seq_len, assistant_only_loss)
     schedule = lr_schedule or warmup_schedule(warmup_steps)
     base_lrs = [group["lr"] for group in opt.param_groups]
-    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
-    dev = accelerator.device if accelerator else next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=steps, desc=desc, leave=False, disable=not progress)
-    losses: list[float] = []
-    tokens = 0
+    losses, tokens = [], 0
     model.train()
     start = time.perf_counter()
     try:
         for step, rows in enumerate(sampler(len(encoded), batch_size, steps, seed)):
-            if schedule is not None:
-                for group, base in zip(opt.param_groups, base_lrs):
-                    group["lr"] = schedule(step, base)
-            batch = {
-                k: v.to(dev) for k, v in collate([encoded[i] for i in rows[rank::world]], pad_id).items()
-            }
-            if accelerator is None:
-                losses.append(_local_step(model, batch, loss_fn, params, max_grad_norm))
-            else:
-                n_tokens = sum(sum(t != -100 for t in encoded[i][1][1:]) for i in rows)  # predicted tokens
-                losses.append(_distributed_step(accelerator, model, batch, n_tokens, params, max_grad_norm))
+            for group, base in zip(opt.param_groups, base_lrs if schedule is not None else ()):
+                group["lr"] = schedule(step, base)
+            loss, n = _step(model, encoded, rows, pad_id, loss_fn, params, max_grad_norm, accelerator)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
+            losses.append(loss)
+            tokens += n
             bar.update(1)
             if step % log_every == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if callback is not None and callback(step + 1, losses[-1]):
-                break
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                bar.set_postfix(loss=f"{loss:.3f}")
+            stop = callback is not None and callback(step + 1, loss)  # the callback runs every step
+            if stop or (max_seconds is not None and time.perf_counter() - start > max_seconds):
                 break
     finally:
         bar.close()
@@ -310,27 +298,31 @@ def _optimizer(model, optimizer, lr, weight_decay, params) -> tuple[torch.optim.
     raise ValueError(f"unknown optimizer {optimizer!r}; use 'adamw' or 'sgd'")
 
 
-def _local_step(model, batch: dict, loss_fn, params: list, max_grad_norm) -> float:
-    """Loss and gradients of one batch on one process; the gradient norm clipped if asked."""
-    loss = loss_fn(model, batch)
-    loss.backward()
-    if max_grad_norm:  # clip the gradient norm, as transformers' Trainer does by default
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    return float(loss.detach())
-
-
-def _distributed_step(accelerator, model, batch: dict, n_tokens: int, params: list, max_grad_norm) -> float:
-    """This process's share of one global batch; returns the global batch's mean token loss.
-
-    Each process divides its summed token loss by the token count of the whole global batch and
-    multiplies by the number of processes; DDP averages the gradients, so the update equals the
-    one-process update on the whole batch (up to float summation order).
-    """
+def _step(
+    model, encoded: list, rows: list[int], pad_id: int, loss_fn, params: list, max_grad_norm, accelerator
+):
+    """Loss and gradients of one batch (this process's share of it); returns (loss, tokens)."""
+    if accelerator is None:
+        batch = collate([encoded[i] for i in rows], pad_id)
+        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        loss = loss_fn(model, batch)
+        loss.backward()
+        if max_grad_norm:  # clip the gradient norm, as transformers' Trainer does by default
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        return float(loss.detach()), int(batch["attention_mask"].sum())
+    # Each process divides its summed token loss by the token count of the whole global batch and
+    # multiplies by the number of processes; DDP averages the gradients, so the update equals the
+    # one-process update on the whole batch (up to float summation order).
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_tokens = sum(sum(t != -100 for t in encoded[i][1][1:]) for i in rows)  # predicted tokens, all processes
+    batch = collate([encoded[i] for i in rows[rank::world]], pad_id)
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     token_loss = answer_loss(model, batch, reduction="sum")
-    accelerator.backward(token_loss * accelerator.num_processes / n_tokens)
+    accelerator.backward(token_loss * world / n_tokens)
     if max_grad_norm:
         accelerator.clip_grad_norm_(params, max_grad_norm)
-    return accelerator.reduce(token_loss.detach(), reduction="sum").item() / n_tokens
+    loss = accelerator.reduce(token_loss.detach(), reduction="sum").item() / n_tokens
+    return loss, int(batch["attention_mask"].sum())
 
 
 if __name__ == "__main__":  # `python -m lora_lab.train --config ...` is `lora-lab train --config ...`

@@ -265,28 +265,21 @@ def train_point(
     """
     import copy
 
-    from lora_lab.inject import LoRAConfig, add_lora, count_parameters, lora_layers
+    from lora_lab.data import load_task
+    from lora_lab.inject import LoRAConfig, add_lora, lora_layers
+    from lora_lab.models import load_base
     from lora_lab.runtime import seed_everything
-    from lora_lab.train import answer_loss, encode_example, final_loss, train
+    from lora_lab.train import answer_loss, encode_example, train
 
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    config = LoRAConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        use_rslora=use_rslora,
-        target_modules=target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"],
-    )
-    if base is None:
-        from lora_lab.models import load_base
-
-        base = load_base()
+    targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
+    config = LoRAConfig(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=targets)
+    base = base if base is not None else load_base()
     model, tokenizer = copy.deepcopy(base[0]), base[1]
     if encoded is None:
-        from lora_lab.data import load_task
-
         encoded = [encode_example(tokenizer, ex, seq_len) for ex in load_task(task, "train")]
     seed_everything(seed)  # same A init for the same r, whatever alpha / lr / optimizer
     add_lora(model, config)
@@ -302,17 +295,35 @@ def train_point(
                 snapshots[step] = flat_update(model)
         return False
 
-    label = f"r={r} a={lora_alpha:g}{' rsLoRA' if use_rslora else ''} lr={lr:g}"
     res = train(
         model, tokenizer, None, encoded=encoded, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
         optimizer=optimizer, max_grad_norm=None, loss_fn=answer_loss, callback=measure, progress=progress,
-        log_every=1, desc=label.replace("rsLoRA", "rs"),
+        log_every=1, desc=f"r={r} a={lora_alpha:g}{' rs' if use_rslora else ''} lr={lr:g}",
     )  # fmt: skip
+    run = _run_record(r, lora_alpha, use_rslora, lr, optimizer, steps, res, log_every, model)
+    run["measured"] = {str(k): {n: round(v, 6) for n, v in st.items()} for k, st in measured.items()}
+    run.update(
+        {k: round(v, 6) for k, v in update_stats(model).items()}, a_drift=round(_a_drift(model, a_init), 6)
+    )
+    if keep_snapshots:
+        snapshots[len(res["losses"])] = flat_update(model)
+        run["snapshots"] = snapshots  # step -> flat dW (tensors; dropped before writing JSON)
+    if keep_model:
+        run["model"] = model
+    return run
+
+
+def _run_record(r, lora_alpha, use_rslora, lr, optimizer, steps, res: dict, log_every: int, model) -> dict:
+    """The sweep's record of one run: its settings, every `log_every`-th loss and the final loss."""
+    from lora_lab.inject import count_parameters
+    from lora_lab.train import final_loss
+
     losses = res["losses"]
     keep = [s for s in range(1, len(losses) + 1) if s % log_every == 0 or s == 1 or s == len(losses)]
     tail_loss = final_loss(losses)
-    run = {
-        "label": label + (" SGD" if optimizer == "sgd" else ""),
+    return {
+        "label": f"r={r} a={lora_alpha:g}{' rsLoRA' if use_rslora else ''} lr={lr:g}"
+        + (" SGD" if optimizer == "sgd" else ""),
         "r": r,
         "lora_alpha": lora_alpha,
         "use_rslora": use_rslora,
@@ -327,16 +338,7 @@ def train_point(
         "diverged": not all(math.isfinite(v) for v in losses),
         "trainable_params": count_parameters(model)[0],
         "seconds": round(res["seconds"], 2),
-        "measured": {str(k): {n: round(v, 6) for n, v in st.items()} for k, st in measured.items()},
-        **{k: round(v, 6) for k, v in update_stats(model).items()},
-        "a_drift": round(_a_drift(model, a_init), 6),
     }
-    if keep_snapshots:
-        snapshots[len(losses)] = flat_update(model)
-        run["snapshots"] = snapshots  # step -> flat dW (tensors; dropped before writing JSON)
-    if keep_model:
-        run["model"] = model
-    return run
 
 
 def train_short_run(r: int, lora_alpha: float, use_rslora: bool = False, lr: float = 3e-3, steps: int = 60,
