@@ -79,7 +79,6 @@ class DoRALinear(LoRALinear):
             dora.lora_magnitude_vector.data = dora._weight_norm().float()
         dora.lora_A.weight.requires_grad_(layer.lora_A.weight.requires_grad)
         dora.lora_B.weight.requires_grad_(layer.lora_B.weight.requires_grad)
-        dora.disabled = layer.disabled
         return dora
 
     # ------------------------------------------------------------------ pieces
@@ -103,8 +102,6 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """base(x) + (k - 1) * (W x) + k * s * B(A(dropout(x))), k = m / ||W + s B A|| (norm detached)."""
-        if self.disabled and self.merged:
-            self.unmerge()
         result = self.base_layer(x, *args, **kwargs)  # [..., out]
         if self.disabled or self.merged:
             return result

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
@@ -40,6 +41,7 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "lora_layers",
     "has_lora",
+    "disable_adapter",
     "linear_module_names",
     "resolve_target_modules",
     "count_parameters",
@@ -228,6 +230,16 @@ def has_lora(model: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------- add / remove
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoRA layer of `model` is its base layer alone: the base model, as
+    PEFT's `with model.disable_adapter():` gives it. Merged layers are unmerged for the block."""
+    with ExitStack() as stack:
+        for _, layer in lora_layers(model):
+            stack.enter_context(layer.disable_adapter())
+        yield model
 
 
 def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:

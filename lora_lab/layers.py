@@ -31,68 +31,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 __all__ = ["LoRALinear", "lora_scaling", "base_in_out_features", "is_conv1d", "check_hyperparameters"]
-
-
-def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """The factor the LoRA branch is multiplied by: alpha / r, or alpha / sqrt(r) with rsLoRA.
-
-    With alpha / r, doubling r halves each direction's step size; rsLoRA's alpha / sqrt(r)
-    keeps the update's size stable as r grows (Kalajdzievski 2023).
-    """
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' `Conv1D` (GPT-2's linear layer with a transposed weight)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers not installed: there can be no Conv1D either
-        return False
-    return isinstance(module, Conv1D)
-
-
-def base_in_out_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a layer LoRA can wrap; TypeError for anything else."""
-    if is_conv1d(module):
-        in_features, out_features = module.weight.shape  # Conv1D stores W as [in, out]
-        return int(in_features), int(out_features)
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features)
-    raise TypeError(
-        f"LoRALinear can wrap nn.Linear, transformers' Conv1D or a layer with in_features/out_features; "
-        f"got {type(module).__name__}. Target linear layers only (e.g. q_proj, v_proj)."
-    )
-
-
-def check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
-    """Reject impossible settings with a message that says what to pass instead."""
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(
-            f"r (the LoRA rank) must be a positive integer, got {r!r}; typical values are 4 to 64"
-        )
-    if (
-        isinstance(lora_alpha, bool)
-        or not isinstance(lora_alpha, (int, float))
-        or not lora_alpha > 0
-        or not math.isfinite(lora_alpha)
-    ):
-        raise ValueError(
-            f"lora_alpha must be a positive finite number, got {lora_alpha!r}; a common choice is "
-            "lora_alpha = r or 2*r"
-        )
-    if (
-        isinstance(lora_dropout, bool)
-        or not isinstance(lora_dropout, (int, float))
-        or not 0 <= lora_dropout < 1
-    ):
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}; use 0.0 for no dropout")
-    if init_lora_weights not in (True, False, "gaussian"):
-        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
 
 class LoRALinear(nn.Module):
@@ -149,7 +93,7 @@ class LoRALinear(nn.Module):
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False  # True while B A * scaling is folded into the base weight
-        self.disabled = False  # True: forward is the base layer alone (the patch is switched off)
+        self._disabled = False  # True inside `disable_adapter()`: forward is the base layer alone
 
         # A and B are built on the CPU (or on "meta" for a meta-device model), initialised there,
         # then moved to the base layer's device. That is PEFT's order, so with the same seed both
@@ -168,6 +112,40 @@ class LoRALinear(nn.Module):
         for lin in (self.lora_A, self.lora_B):
             if lin.weight.dtype in (torch.float16, torch.bfloat16):
                 lin.to(torch.float32)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """base_layer(x) + lora_B(lora_A(dropout(x))) * scaling, in the base layer's output dtype."""
+        result = self.base_layer(x, *args, **kwargs)  # [batch, seq, out]
+        if self._disabled or self.merged:
+            return result  # the patch is off, or already folded into the base weight
+        lora_x = x.to(self.lora_A.weight.dtype)  # the patch computes in its own dtype (fp32)
+        update = self.lora_B(self.lora_A(self.lora_dropout(lora_x)))  # [b, s, in] -> [b, s, r] -> [b, s, out]
+        return (result + update * self.scaling).to(result.dtype)
+
+    @property
+    def disabled(self) -> bool:
+        """True inside `disable_adapter()`: the layer computes the base layer alone."""
+        return self._disabled
+
+    @contextmanager
+    def disable_adapter(self):
+        """Within the block the layer is its base layer alone (PEFT's `disable_adapter()`).
+
+        A merged patch is taken out of W on entry and folded back in on exit, so the block sees
+        the base model and the layer leaves it as it came in.
+        """
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        self._disabled = True
+        try:
+            yield self
+        finally:
+            self._disabled = False
+            if was_merged:
+                self.merge()
 
     # ------------------------------------------------------------------ set-up
 
@@ -189,19 +167,6 @@ class LoRALinear(nn.Module):
             # U(-1/sqrt(in), 1/sqrt(in)): nn.Linear's own default, as in microsoft/LoRA's loralib
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-
-    # ------------------------------------------------------------------ forward
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """base_layer(x) + lora_B(lora_A(dropout(x))) * scaling, in the base layer's output dtype."""
-        if self.disabled and self.merged:
-            self.unmerge()  # the base model was asked for, so take the patch back out of W
-        result = self.base_layer(x, *args, **kwargs)  # [batch, seq, out]
-        if self.disabled or self.merged:
-            return result
-        lora_x = x.to(self.lora_A.weight.dtype)  # the patch computes in its own dtype (fp32)
-        update = self.lora_B(self.lora_A(self.lora_dropout(lora_x)))  # [b, s, in] -> [b, s, r] -> [b, s, out]
-        return (result + update * self.scaling).to(result.dtype)
 
     # ------------------------------------------------------------------ merging
 
@@ -278,3 +243,64 @@ class LoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks and PEFT-matching details the class relies on
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The factor the LoRA branch is multiplied by: alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+    With alpha / r, doubling r halves each direction's step size; rsLoRA's alpha / sqrt(r)
+    keeps the update's size stable as r grows (Kalajdzievski 2023).
+    """
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' `Conv1D` (GPT-2's linear layer with a transposed weight)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers not installed: there can be no Conv1D either
+        return False
+    return isinstance(module, Conv1D)
+
+
+def base_in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a layer LoRA can wrap; TypeError for anything else."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape  # Conv1D stores W as [in, out]
+        return int(in_features), int(out_features)
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    raise TypeError(
+        f"LoRALinear can wrap nn.Linear, transformers' Conv1D or a layer with in_features/out_features; "
+        f"got {type(module).__name__}. Target linear layers only (e.g. q_proj, v_proj)."
+    )
+
+
+def check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
+    """Reject impossible settings with a message that says what to pass instead."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(
+            f"r (the LoRA rank) must be a positive integer, got {r!r}; typical values are 4 to 64"
+        )
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, (int, float))
+        or not lora_alpha > 0
+        or not math.isfinite(lora_alpha)
+    ):
+        raise ValueError(
+            f"lora_alpha must be a positive finite number, got {lora_alpha!r}; a common choice is "
+            "lora_alpha = r or 2*r"
+        )
+    if (
+        isinstance(lora_dropout, bool)
+        or not isinstance(lora_dropout, (int, float))
+        or not 0 <= lora_dropout < 1
+    ):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}; use 0.0 for no dropout")
+    if init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
