@@ -47,7 +47,7 @@ from lora_lab import data, evaluate
 from lora_lab.dora import add_dora
 from lora_lab.experiments import finetune_and_score, score
 from lora_lab.inject import LoRAConfig, add_lora, count_parameters, mark_only_lora_as_trainable
-from lora_lab.paths import RESULTS_DIR
+from lora_lab.paths import RESULTS_DIR, write_json
 from lora_lab.train import encode_example
 from lora_lab.variants import REWRITING_METHODS, init_variant, loraplus_param_groups
 
@@ -178,9 +178,7 @@ def write(args, methods, tasks, base, rows, start, argv, final: bool) -> None:
         "complete": final,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_json(args.out, result, indent=1)
     if final:
         print(f"wrote {out} in {result['total_seconds']:.0f} s")
 

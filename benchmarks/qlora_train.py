@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lora_lab import data, evaluate, experiments, nf4, runtime  # noqa: E402
 from lora_lab.inject import LoRAConfig, add_lora  # noqa: E402
 from lora_lab.models import load_base  # noqa: E402
-from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR  # noqa: E402
+from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR, write_json  # noqa: E402
 
 R, ALPHA, LR, BATCH = 8, 16, 3e-3, 32
 
@@ -163,8 +162,7 @@ def main() -> None:
         "rows": rows,
         "merges": merges,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(f"wrote {args.out} in {results['seconds']} s")
 
 
