@@ -92,7 +92,8 @@ def test_notebook_is_executed_clean_and_portable(path):
             f"cell {i}: execution count {cell.execution_count}: `make clean-nb`"
         )
         prints = re.search(r"^\s*(print|display)\(|plt\.show\(\)|\.show\(\)", cell.source, re.M)
-        if prints:
+        colab_only = cell.source.startswith("# Colab setup")  # prints versions in Colab alone
+        if prints and not colab_only:
             assert cell.outputs, f"cell {i} prints but has no output: was the notebook executed?"
         for out in cell.outputs:
             assert out.output_type != "error", (
