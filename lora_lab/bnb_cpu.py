@@ -38,7 +38,7 @@ run bitsandbytes inside `with portable_dequantize():` for shapes that are hit, a
 rule 2, or whose outputs must match other CPUs exactly. `ATEN_CPU_CAPABILITY` does not help: neither
 quirk follows torch's capability.
 
-Left out: bitsandbytes' 8-bit kernels (blockwise 8-bit quantization agrees with lora_lab on every CPU
+Left out: bitsandbytes' 8-bit kernels (blockwise 8-bit quantization agrees with lora_lab on both CPUs
 tried) and its CUDA kernels. Reference: bitsandbytes 0.50.2 `backends/cpu/ops.py`,
 `functional._convert_weight_packed_for_cpu`, `nn.Linear4bit.forward`.
 """
