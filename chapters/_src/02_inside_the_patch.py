@@ -382,9 +382,11 @@ print(f"top-{R} share, mean over {len(curves)} matrices: "
 assert all_top > 0.5 and all_top > 3 * all_rand, (all_top, all_rand)
 
 # %% [markdown]
-# This is evidence, not proof. A short fine-tune on one narrow task is the friendly case;
-# chapter 09 runs the same measurement on a task far from the pretraining data, where the
-# change spreads over more directions and a small $r$ stops being enough.
+# This is evidence, not proof. A short fine-tune on one narrow task is the friendly case.
+# Chapter 09 trains on a task far from the pretraining data, where a small $r$ stops being
+# enough; it measures accuracy against rank there, not the spectrum of the change, so
+# whether that change spreads over more directions is left open (exercise: run the cell
+# above on chapter 09's `shift` task).
 #
 # ## Summary
 #
