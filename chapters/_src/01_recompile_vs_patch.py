@@ -538,7 +538,7 @@ glue("llama_b", sizing.count_params("llama-2-7b") / 1e9, ".1f")
 # | | full fine-tuning (recompile) | LoRA (patch) |
 # |---|---|---|
 # | trainable parameters | all: {glue:text}`tiny_millions` M here, {glue:text}`llama_b` B for Llama-2-7B | {glue:text}`tiny_share_2` here; {glue:text}`share_qv8` (r=8, q,v) to {glue:text}`share_all16` (r=16, all 7) at 7B; "<0.1%" only for small configs |
-# | memory | weights + gradients + 2 Adam moments for every weight | optimizer state tens (here) to a thousand (7B) times smaller; activations {glue:text}`act_saved` smaller here |
+# | memory | weights + gradients + two Adam moments for every weight | optimizer state tens (here) to a thousand (7B) times smaller; activations {glue:text}`act_saved` smaller here |
 # | storage per task | a full copy: {glue:text}`tiny_mb` MB here, {glue:text}`gpt3_gb` GB for GPT-3 in fp16 | an adapter: {glue:text}`tiny_adapter_kb` KB here, {glue:text}`mb_llama27b_8_2_fp32` MB (r=8 q,v, fp32) to {glue:text}`mb_llama27b_16_7_fp32` MB (r=16 all 7, fp32) at 7B |
 # | time per step | baseline | faster on a CPU (measured above), but not by the parameter ratio; not on a GPU at this size |
 # | task learned in a fixed budget | more: {glue:text}`cached_acc_full` accuracy (cached run) | less: {glue:text}`cached_acc_lora` |
