@@ -611,7 +611,8 @@ glue("sol_new_ratio", opt_ratio * n_attn / n_all, ".0f")
 size_70b = sizing.adapter_file_bytes("llama-2-70b", 16, sizing.LLAMA_ALL,
                                      dtype_bytes=2)
 glue("sol_70b_mb", size_70b / 1e6, ".0f")
-glue("sol_70b_params", sizing.lora_counts("llama-2-70b", 16, sizing.LLAMA_ALL)[0])
+n_70b = sizing.lora_counts("llama-2-70b", 16, sizing.LLAMA_ALL)[0]
+glue("sol_70b_params", n_70b)
 cfg_70b = sizing.shape_config("llama-2-70b")
 head_dim = cfg_70b.hidden_size // cfg_70b.num_attention_heads
 glue("sol_70b_kv", cfg_70b.num_key_value_heads * head_dim)

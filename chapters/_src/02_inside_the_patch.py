@@ -475,8 +475,9 @@ assert all_top > 0.5 and all_top > 3 * all_rand, (all_top, all_rand)
 
 # %% tags=["hide-cell"]
 # The solutions paste these.
-up = LoRALinear(nn.Linear(D, sizing.shape_config("llama-2-7b").intermediate_size,
-                          bias=False, device="meta"), r=16, lora_alpha=32)
+ffn_7b = sizing.shape_config("llama-2-7b").intermediate_size
+up = LoRALinear(nn.Linear(D, ffn_7b, bias=False, device="meta"),
+                r=16, lora_alpha=32)
 up_patch = up.lora_A.weight.numel() + up.lora_B.weight.numel()
 glue("ffn_7b", up.base_layer.out_features, "d")
 glue("up_patch", up_patch)

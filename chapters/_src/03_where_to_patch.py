@@ -331,7 +331,7 @@ assert all(checks.values())
 
 
 def versus(key, a, b):
-    """Bootstrap acc[a] - acc[b]; the word says whether the interval covers 0."""
+    """Bootstrap acc a - acc b; is the difference clear of zero?"""
     diff, lo, hi = bootstrap_accuracy_diff(a, b, N_ITEMS)
     for name, value in (("diff", diff), ("lo", lo), ("hi", hi)):
         glue(f"{key}_{name}", value, "+.3f")
@@ -343,6 +343,8 @@ def versus(key, a, b):
 diff, clear = versus("attn_vs_qv", acc["attention"], acc["q,v"])
 assert diff > 0  # attention scored higher on this run...
 glue("attn_vs_qv_word", "beat" if clear else "scored above")
+glue("attn_vs_qv_summary", "a clear difference" if clear
+     else "a difference inside the test set's noise")
 glue("attn_vs_qv_sentence", "The interval excludes no difference." if clear
      else "The interval covers zero: on this many items the two placements are "
           "not told apart, and the sources' ordering is not confirmed here.")
@@ -350,6 +352,7 @@ diff, clear = versus("all_vs_attn", acc["all-linear"], acc["attention"])
 assert diff > 0
 glue("all_vs_attn_word", "clearly better than" if clear else "better than")
 diff, clear = versus("full_gap", full["accuracy"], acc["all-linear"])
+assert diff > 0  # full fine-tuning scored higher: all-linear did not match it
 glue("full_gap_items", round(diff * N_ITEMS))
 glue("full_gap_word", "a real gap" if clear else "within the noise")
 N_PROBES = len(data.load_probes("test"))
@@ -394,7 +397,7 @@ assert last < 0.8 * first
 #   rank.
 # - On the bundled model, at one rank and one budget, more placements scored higher: q,v
 #   ({glue:text}`acc_qv`) below all four attention projections ({glue:text}`acc_attention`,
-#   a difference inside the test set's noise), below every linear layer
+#   {glue:text}`attn_vs_qv_summary`), below every linear layer
 #   ({glue:text}`acc_all_linear`). All-linear LoRA came within {glue:text}`full_gap_items`
 #   questions of full fine-tuning ({glue:text}`acc_full`) but did not match it
 #   ({glue:text}`full_gap_word`), and full fine-tuning trains {glue:text}`full_vs_all_params`

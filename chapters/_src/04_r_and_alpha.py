@@ -206,7 +206,8 @@ for name, x in (("best", best), ("worst", worst)):
 plain16 = run(16, 16)
 print(f"plain r=16 alpha=16 (scaling 1): accuracy {plain16['accuracy']:.0%},"
       f" final loss {plain16['final_loss']:.3f}")
-glue("one_question", 100 / int(meta["eval"].split("first ")[1].split()[0]), ".0f")
+n_eval = int(meta["eval"].split("first ")[1].split()[0])
+glue("one_question", 100 / n_eval, ".0f")
 glue("worst_acc", worst["accuracy"], ".0%")
 glue("best_acc", best["accuracy"], ".0%")
 glue("best_label", f"r={best['r']} with alpha={best['lora_alpha']}"

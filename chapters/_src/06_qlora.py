@@ -56,6 +56,7 @@ import lora_lab  # first: it keeps known library noise out of outputs
 
 import copy
 import json
+import math
 import tempfile
 import time
 import warnings
@@ -426,7 +427,7 @@ for name, ws in widths.items():
     assert not hit
 assert bnb_cpu.block_spans_rows((4096, 11008), 1024)  # 11008 = 10.75 x 1024
 glue("llama_rows", " and ".join(map(str, sorted(widths["Llama-2-7B"]))))
-# this machine's kernel: right, or wrong in exactly that way (anything else fails)
+# this machine's kernel: right, or wrong in exactly that way (else fails)
 kernel_here = bnb_cpu.compare_native_dequantize(odd_packed, odd_state)
 
 # %% tags=["nbval-ignore-output"]
@@ -1227,12 +1228,11 @@ glue("sol_w_plain", est[False]["weights"] / GB, ".1f")
 glue("sol_t_dq", est[True]["total"] / GiB, ".1f")
 glue("sol_t_plain", est[False]["total"] / GiB, ".1f")
 CARDS_GIB = (24, 32, 40, 48)  # common GPU memory sizes
-both = [c for c in CARDS_GIB if est[False]["total"] < c * GiB]
-only_dq = [c for c in CARDS_GIB
-           if est[True]["total"] < c * GiB <= est[False]["total"]]
+left = {dq: {c: c - est[dq]["total"] / GiB for c in CARDS_GIB}
+        for dq in (True, False)}
+small = [c for c in CARDS_GIB if left[True][c] < 0]
+card = min(c for c in CARDS_GIB if left[True][c] >= 0)
 glue("sol_cards",
-     f"Of cards with {', '.join(map(str, CARDS_GIB))} GiB, both fit"
-     f" {', '.join(map(str, both)) or 'none'} GiB; only double quantization fits"
-     f" {', '.join(map(str, only_dq)) or 'none'} GiB, where it leaves"
-     f" {(max(only_dq or [0]) * GiB - est[True]['total']) / GiB:.1f} GiB for"
-     " activations.")
+     f"Neither fits {' or '.join(map(str, small))} GiB; on a {card} GiB card"
+     f" double quantization leaves {left[True][card]:.1f} GiB for activations"
+     f" against {max(left[False][card], 0):.1f} GiB without it.")

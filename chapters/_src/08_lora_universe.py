@@ -605,7 +605,9 @@ for task in TASKS:
 
 def span(values, fmt):
     lo, hi = min(values), max(values)
-    return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}-{hi:{fmt}}"
+    lo, hi = f"{lo:{fmt}}", f"{hi:{fmt}}"
+    dash = " to " if fmt.startswith("+") else "-"
+    return lo if lo == hi else f"{lo}{dash}{hi}"
 
 
 settings = bench["settings"]
@@ -707,7 +709,8 @@ gaps = {t: [metric(t, "full", "perplexity") - metric(t, "lora", "perplexity")]
 for seed_rows in seeds["seeds"].values():
     by = {(r["task"], r["method"]): r for r in seed_rows}
     for t in TASKS:
-        gaps[t].append(by[t, "full"]["perplexity"] - by[t, "lora"]["perplexity"])
+        gaps[t].append(by[t, "full"]["perplexity"]
+                       - by[t, "lora"]["perplexity"])
 glue("n_seeds", len(gaps[TASKS[0]]))
 assert len(gaps[TASKS[0]]) >= 3
 for t in TASKS:
