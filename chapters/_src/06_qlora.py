@@ -983,7 +983,8 @@ top1 = {k: (logits(m).argmax(-1) == reference.argmax(-1)).float().mean().item()
         for k, m in cases.items()}
 eps = torch.finfo(DTYPE).eps  # fp32 2**-23, bf16 2**-7, fp16 2**-10
 rounding = max(1e-3, 2 * eps * reference.abs().max().item())
-# a gap within float rounding prints as "< rounding": its digits depend on the CPU's kernels
+# a gap within float rounding prints as "< rounding": its digits depend on
+# the CPU's kernels
 shown = {k: lora_lab.runtime.below(d, rounding) for k, d in diff.items()}
 print(f"{'case':18} {'max logit diff':>15} {'same top-1':>11} {'MB':>7}")
 for k in cases:
