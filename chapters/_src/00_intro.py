@@ -61,6 +61,7 @@ print(lora_lab.runtime.describe())
 
 # %%
 from lora_lab import sizing
+from lora_lab.prose import glue
 
 for name in ("llama-2-7b", "llama-2-13b", "llama-2-70b", "gpt3-175b"):
     n = sizing.count_params(name)
@@ -84,12 +85,15 @@ with torch.device("meta"):
 n_params = sum(p.numel() for p in model_7b.parameters())
 print(f"Llama-2-7B parameters: {n_params:,}")
 assert n_params == sizing.count_params("llama-2-7b") == 6_738_415_616
+glue("b_7b", n_params / 1e9, ".1f")
+glue("gb_7b", n_params * 2 / 1e9, ".1f")
 
 # %% [markdown]
 # ## Recompile or patch: the bill at 7B scale
 #
 # Full fine-tuning keeps, for every parameter, the weight, its gradient and Adam's two
-# moments (plus an fp32 master copy when training in bf16): 16 bytes per parameter. LoRA
+# moments (plus an fp32 master copy when training in bf16): {glue:text}`bytes_per_param`
+# bytes per parameter. LoRA
 # freezes the base and pays that price only for the adapter. The table below is computed
 # from the shapes (weights, gradients and optimizer state; activations excluded since
 # they depend on batch and sequence length): it is the seed documents' comparison table
@@ -115,11 +119,15 @@ print(f"{'file per task (GB)':29} {n_params * 2 / 1e9:>13.1f}"
 full, lora = rows["full"], rows["lora"]
 assert full["optimizer"] / lora["optimizer"] > 100
 assert full["total"] / lora["total"] > 7
+glue("bytes_per_param", round(full["total"] / n_params))
+n_70b = sizing.count_params("llama-2-70b")
+glue("n_70b", n_70b)
+glue("tb_70b", n_70b * round(full["total"] / n_params) / 1e12, ".1f")
 
 # %% [markdown]
 # ## The bundled tiny base model
 #
-# A 13 GB download is the wrong first step for learning. LoRA Lab ships its own base model:
+# A {glue:text}`gb_7b` GB download is the wrong first step for learning. LoRA Lab ships its own base model:
 # a Llama-architecture `LlamaForCausalLM` pretrained by the project's own script on a
 # generated corpus about a small fictional world (towns, people, trades), plus chats and
 # SQL over *other* schemas. It loads through the ordinary `from_pretrained` code path, so
@@ -202,8 +210,9 @@ assert not evaluate.score_sql(answer, example["sql"])
 # %% [markdown]
 # ## Summary
 #
-# - A 7B model is 6.7 billion parameters: 13.5 GB in fp16 before any training state.
-#   Full fine-tuning needs about 16 bytes per parameter; LoRA needs that only for the patch.
+# - A 7B model is {glue:text}`b_7b` billion parameters: {glue:text}`gb_7b` GB in fp16 before
+#   any training state. Full fine-tuning needs about {glue:text}`bytes_per_param` bytes per
+#   parameter; LoRA needs that only for the patch.
 # - The book's experiments run on a bundled tiny Llama that knows a fictional world and the
 #   formats of chat and SQL, but none of the three tasks.
 # - Set `LORA_LAB_BASE_MODEL` (or `BASE_MODEL` above) to run everything on a real model.
@@ -211,14 +220,14 @@ assert not evaluate.score_sql(answer, example["sql"])
 # ## Exercises
 #
 # 1. How many parameters does Llama-2-70B have, and how much memory would full
-#    fine-tuning in bf16 with AdamW need by the 16-bytes rule?
+#    fine-tuning in bf16 with AdamW need by the bytes-per-parameter rule above?
 # 2. Load the tiny model and print `model` to find the names of its linear layers. Which
 #    of them would `target_modules=["q_proj", "v_proj"]` patch?
 #
 # ```{admonition} Solution 1
 # :class: dropdown
-# `sizing.count_params("llama-2-70b")` gives 68,976,648,192; times 16 bytes is about
-# 1.1 TB, or `sizing.memory_estimate("llama-2-70b", "full")["total"]`.
+# `sizing.count_params("llama-2-70b")` gives {glue:text}`n_70b`; times
+# {glue:text}`bytes_per_param` bytes is about {glue:text}`tb_70b` TB, or `sizing.memory_estimate("llama-2-70b", "full")["total"]`.
 # ```
 #
 # ```{admonition} Solution 2

@@ -9,7 +9,8 @@
 # - write a LoRA layer in ten lines and follow one input through it, shape by shape;
 # - check that those ten lines compute exactly what `lora_lab` and PEFT compute, and that
 #   merging the patch into the weight ($W_0 + sBA$) changes nothing in the output;
-# - do the parameter arithmetic yourself (4096×4096 at r=8) and check the trainable count
+# - do the parameter arithmetic yourself (a $d \times d$ layer at rank $r$) and check the
+#   trainable count
 #   PEFT prints for Llama-2-7B;
 # - measure why a low-rank patch is enough: the weight change of a real fine-tune is
 #   concentrated in a few directions.
@@ -62,6 +63,7 @@ import lora_lab
 from lora_lab import data, plot, sizing, train
 from lora_lab.inject import LoRAConfig, add_lora, count_parameters
 from lora_lab.inject import trainable_parameters_line
+from lora_lab.prose import glue
 from lora_lab.layers import LoRALinear
 
 lora_lab.seed_everything(SEED)
@@ -103,8 +105,9 @@ class InlineLoRA(nn.Module):
 # %% [markdown]
 # ## One input, step by step
 #
-# Take a layer the size of one attention projection of Llama-2-7B (4096 in, 4096 out) and a
-# batch of 2 sequences of 5 tokens. Follow the data through both paths.
+# Take a layer the size of one attention projection of Llama-2-7B ({glue:text}`d` in,
+# {glue:text}`d` out) and a batch of {glue:text}`x_batch` sequences of {glue:text}`x_seq`
+# tokens. Follow the data through both paths.
 
 # %%
 torch.manual_seed(SEED)
@@ -116,6 +119,10 @@ main_road = base(x)  # W0 x
 down = x @ patched.A.T  # A x: 4096 features squeezed into r
 up = down @ patched.B.T  # B (A x): back out to 4096
 print(f"x        {tuple(x.shape)}")
+glue("d", D, "d")
+glue("r", R)
+glue("x_batch", x.shape[0])
+glue("x_seq", x.shape[1])
 print(f"W0       {tuple(base.weight.shape)}  ->  W0 x  "
       f"{tuple(main_road.shape)}")
 print(f"A        {tuple(patched.A.shape)}     ->  A x   "
@@ -125,9 +132,9 @@ print(f"B        {tuple(patched.B.shape)}     ->  B A x "
 print(f"scaling  alpha / r = {ALPHA} / {R} = {patched.scaling}")
 
 # %% [markdown]
-# $A$ is a *down-projection*: it reads all 4096 input features and keeps $r=8$ numbers,
+# $A$ is a *down-projection*: it reads all {glue:text}`d` input features and keeps $r$ numbers,
 # the few combinations this task's change cares about. $B$ is an *up-projection*: it turns
-# those 8 numbers back into a 4096-wide correction that is added to the main road's output.
+# those $r$ numbers back into a {glue:text}`d`-wide correction that is added to the main road's output.
 #
 # $B$ starts at zero, so at step 0 the patch adds exactly nothing: the patched model *is*
 # the base model until training moves $B$. That is why a freshly injected adapter never
@@ -195,7 +202,8 @@ assert diff_ours < 1e-5 and diff_peft < 1e-5
 # ## Merging: the patch folded into the weight
 #
 # Because $W_0x + sB(Ax) = (W_0 + sBA)\,x$, the patch can be folded into the weight once
-# training is done: $W' = W_0 + sBA$ is an ordinary 4096×4096 matrix, and the layer is a
+# training is done: $W' = W_0 + sBA$ is an ordinary {glue:text}`d`×{glue:text}`d` matrix, and
+# the layer is a
 # plain `nn.Linear` again, with no extra work per token. This is the "static linking" of
 # chapter 07. `lora_lab` and PEFT both compute $W'$ the same way.
 
@@ -218,9 +226,10 @@ assert diff_merged < 1e-5 and diff_w_ours < 1e-6 and diff_w_peft < 1e-6
 # (claim-65536)=
 # ## The parameter arithmetic
 #
-# Both sources do the same sum for this layer: a 4096×4096 weight has about 16.7 million
-# entries, and at r=8 the patch has $8 \cdot 4096 + 4096 \cdot 8 = 65{,}536$. The Chinese
-# source calls that "more than 250 times" fewer; the English one "approximately 256 times".
+# Both sources do the same sum for this layer: a {glue:text}`d`×{glue:text}`d` weight has
+# {glue:text}`full_n` entries, and at r={glue:text}`r` the patch has $r \cdot d + d \cdot r$ =
+# {glue:text}`patch_n`. The Chinese source calls that "more than 250 times" fewer; the
+# English one "approximately 256 times".
 # Count the real tensors:
 
 # %%
@@ -232,16 +241,24 @@ print(f"W0 / (A+B) = {full / (n_a + n_b)}")
 assert full == 4096 * 4096 == 16_777_216
 assert n_a == n_b == 32_768 and n_a + n_b == 65_536
 assert full / (n_a + n_b) == 256  # exactly; "more than 250x" holds too
+glue("full_n", full)
+glue("patch_n", n_a + n_b)
+glue("saving", full / (n_a + n_b), ".0f")
 
 # %% [markdown]
-# The ratio is exactly 256, because for a square $d \times d$ layer it is
-# $d^2 / (2rd) = d / 2r = 4096 / 16$. Two things follow from the formula. The saving grows
-# with the width: a layer of our tiny 192-wide model at r=8 saves only 12×. And it shrinks
-# linearly as $r$ grows: r=64 on the same 4096 layer saves 32×.
+# The ratio is exactly {glue:text}`saving`, because for a square $d \times d$ layer it is
+# $d^2 / (2rd) = d / 2r$. Two things follow from the formula. The saving grows with the
+# width: a layer of our tiny {glue:text}`tiny_d`-wide model at r=8 saves only
+# {glue:text}`saving_tiny`×. And it shrinks linearly as $r$ grows: r=64 on the same
+# {glue:text}`d`-wide layer saves {glue:text}`saving_r64`×.
 
 # %%
-for d, r in [(4096, 8), (4096, 64), (192, 8)]:
+TINY_D = 192  # the bundled model's width
+for d, r in [(D, 8), (D, 64), (TINY_D, 8)]:
     print(f"d={d:<5} r={r:<3} saving = d / 2r = {d / (2 * r):g}x")
+glue("tiny_d", TINY_D)
+glue("saving_tiny", TINY_D / 16, "g")
+glue("saving_r64", D / 128, "g")
 
 # %% [markdown]
 # (claim-print-trainable)=
@@ -254,7 +271,7 @@ for d, r in [(4096, 8), (4096, 64), (192, 8)]:
 # trainable params: 39,976,960 || all params: 6,778,314,752 || trainable%: 0.1287
 # ```
 #
-# We can check it without downloading 13 GB: build Llama-2-7B on PyTorch's `meta` device
+# We can check it without downloading the weights: build Llama-2-7B on PyTorch's `meta` device
 # (shapes, no storage) and let both PEFT and `lora_lab` count.
 
 # %%
@@ -272,17 +289,25 @@ print(line)
 assert peft_counts == count_parameters(ours_7b) == (39_976_960,
                                                      6_778_392_576)
 assert line.endswith("trainable%: 0.5898")
+n_layers = sizing.shape_config("llama-2-7b").num_hidden_layers
+glue("trainable_7b", peft_counts[0])
+glue("all_7b", peft_counts[1])
+glue("base_7b", peft_counts[1] - peft_counts[0])
+glue("per_layer_7b", peft_counts[0] // n_layers)
+glue("layers_7b", n_layers)
+glue("share_7b", 100 * peft_counts[0] / peft_counts[1], ".4f")
 
 # %% [markdown]
-# The trainable count in the source is right: per layer
-# $4 \cdot 16 \cdot (4096 + 4096) + 3 \cdot 16 \cdot (4096 + 11008) = 1{,}249{,}280$, times 32
-# layers. Two other numbers are not:
+# The trainable count in the source is right: per layer $16 \cdot (d_\text{in} +
+# d_\text{out})$ summed over the seven projections is {glue:text}`per_layer_7b`, times
+# {glue:text}`layers_7b` layers. Two other numbers are not:
 #
-# - **all params** is 6,778,392,576 (6,738,415,616 base + the adapter), not 6,778,314,752,
-#   which is 77,824 short;
-# - **trainable%** is 0.5898, not 0.1287. Even the source's own two counts give 0.5898%.
-#   0.1287% would mean about 8.7 million trainable parameters; the nearest standard
-#   configuration, r=16 on `q_proj` and `v_proj` only, gives 0.1243%.
+# - **all params** is {glue:text}`all_7b` ({glue:text}`base_7b` base + the adapter), not
+#   the source's 6,778,314,752, which is {glue:text}`all_short` short;
+# - **trainable%** is {glue:text}`share_7b`, not the source's 0.1287. Even the source's own
+#   two counts give {glue:text}`seed_share`%. A share of 0.1287% would mean about
+#   {glue:text}`implied_m` million trainable parameters; the nearest standard configuration,
+#   r=16 on `q_proj` and `v_proj` only, gives {glue:text}`qv_share`%.
 
 # %%
 seed_share = 100 * 39_976_960 / 6_778_314_752
@@ -292,6 +317,11 @@ print(f"r=16 on q,v: {qv[0]:,} trainable, {100 * qv[0] / qv[1]:.4f}%")
 assert round(seed_share, 4) == 0.5898
 assert 6_778_392_576 - 6_778_314_752 == 77_824
 assert qv[0] == 8_388_608 and round(100 * qv[0] / qv[1], 4) == 0.1243
+SOURCE_ALL, SOURCE_SHARE = 6_778_314_752, 0.1287  # the Chinese source's line
+glue("all_short", peft_counts[1] - SOURCE_ALL)
+glue("seed_share", seed_share, ".4f")
+glue("implied_m", SOURCE_SHARE / 100 * SOURCE_ALL / 1e6, ".1f")
+glue("qv_share", 100 * qv[0] / qv[1], ".4f")
 
 # %% [markdown]
 # ## Why a rank-8 patch is enough: look at a real $\Delta W$
@@ -350,6 +380,10 @@ for kind in kinds:
     shape = "x".join(map(str, before[names[0]].shape))
     print(f"{kind:10} {shape:>10} {top_r[kind]:>10.2f} "
           f"{top_r_random[kind]:>7.2f}")
+glue("top_lo", min(top_r.values()), ".2f")
+glue("top_hi", max(top_r.values()), ".2f")
+glue("rand_lo", min(top_r_random.values()), ".2f")
+glue("rand_hi", max(top_r_random.values()), ".2f")
 
 # %%
 fig, (ax,) = plot.new_figure(width=6.4, height=3.6)
@@ -377,11 +411,14 @@ fig
 
 # %% [markdown]
 # (claim-low-rank)=
-# Reading the figure: a random matrix spreads its energy evenly, so its top 8 of 192
-# directions hold only a small share (the dashed line). The fine-tune's changes rise far
+# Reading the figure: a random matrix spreads its energy evenly, so its top
+# {glue:text}`r` of {glue:text}`tiny_d` directions hold only a small share (the dashed
+# line). The fine-tune's changes rise far
 # faster: a handful of directions carry most of what full fine-tuning did to each matrix.
-# The claim we check: averaged over all changed matrices, the top-8 directions of
-# $\Delta W$ hold most of its energy, several times the share of a random matrix.
+# The claim we check: averaged over all changed matrices, the top-$r$ directions of
+# $\Delta W$ hold most of its energy, several times the share of a random matrix (per layer
+# type above: {glue:text}`top_lo` to {glue:text}`top_hi`, against {glue:text}`rand_lo` to
+# {glue:text}`rand_hi` for random matrices).
 
 # %%
 all_top = sum(c[R - 1] for c in curves.values()) / len(curves)
@@ -393,9 +430,11 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
     assert all_top > 0.5 and all_top > 3 * all_rand, (all_top, all_rand)
 
 # %% [markdown]
-# This is evidence, not proof. A short fine-tune on one narrow task is the friendly case;
-# chapter 09 runs the same measurement on a task far from the pretraining data, where the
-# change spreads over more directions and a small $r$ stops being enough.
+# This is evidence, not proof. A short fine-tune on one narrow task is the friendly case.
+# Chapter 09 trains on a task far from the pretraining data, where a small $r$ stops being
+# enough; it measures accuracy against rank there, not the spectrum of the change, so
+# whether that change spreads over more directions is left open (exercise: run the cell
+# above on chapter 09's `shift` task).
 #
 # ## Summary
 #
@@ -403,28 +442,29 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
 #   expands them back, and $B = 0$ at the start makes the patch a no-op until it trains.
 # - Ten inline lines, `lora_lab.layers.LoRALinear` and PEFT's layer give the same outputs;
 #   merging $W_0 + sBA$ gives the same outputs with no extra work per token.
-# - A $d \times d$ layer at rank $r$ trains $2rd$ instead of $d^2$ numbers: exactly 256×
-#   fewer at 4096 and r=8. For Llama-2-7B with r=16 on all seven projections PEFT prints
-#   39,976,960 trainable of 6,778,392,576, i.e. **0.5898%**, not the 0.1287% the source
-#   shows.
+# - A $d \times d$ layer at rank $r$ trains $2rd$ instead of $d^2$ numbers: exactly
+#   {glue:text}`saving`× fewer at $d$ = {glue:text}`d` and r=8. For Llama-2-7B with r=16 on
+#   all seven projections PEFT prints {glue:text}`trainable_7b` trainable of
+#   {glue:text}`all_7b`, i.e. **{glue:text}`share_7b`%**, not the 0.1287% the source shows.
 # - The weight change of a real full fine-tune is concentrated in a few directions, which
 #   is what lets a rank-8 patch stand in for it.
 # - A 4-bit model counted with `numel()` seems to have far fewer weights than it has: {ref}`troubleshooting <trouble-param-count>`.
 #
 # ## Exercises
 #
-# 1. A layer of Llama-2-7B's MLP, `up_proj`, is 4096 → 11008. How many parameters does a
+# 1. A layer of Llama-2-7B's MLP, `up_proj`, is {glue:text}`d` → {glue:text}`ffn_7b`. How
+#    many parameters does a
 #    rank-16 patch add to it, and how many times fewer than the layer's own weight is that?
 # 2. Make the inline layer use rsLoRA's scale $\alpha/\sqrt{r}$ and check it against
 #    `LoRALinear(..., use_rslora=True)`.
 # 3. In the spectrum cell, replace the top-$r$ share by the smallest $k$ whose share reaches
-#    90%. Which layer type needs the most directions?
+#    nine tenths. Which layer type needs the most directions?
 #
 # ```{admonition} Solution 1
 # :class: dropdown
-# $A$ is $[16, 4096]$ and $B$ is $[11008, 16]$: $16 \cdot (4096 + 11008) = 241{,}664$
-# parameters, against $4096 \cdot 11008 = 45{,}088{,}768$ in the weight, so
-# $45{,}088{,}768 / 241{,}664 \approx 186.6$ times fewer. In code:
+# $A$ is $[16, d_\text{in}]$ and $B$ is $[d_\text{out}, 16]$: $16 \cdot (d_\text{in} +
+# d_\text{out})$ = {glue:text}`up_patch` parameters, against {glue:text}`up_weight` in the
+# weight, so {glue:text}`up_saving` times fewer. In code:
 # `LoRALinear(nn.Linear(4096, 11008, bias=False, device="meta"), r=16, lora_alpha=32)` and
 # count `lora_A.weight.numel() + lora_B.weight.numel()`.
 # ```
@@ -434,12 +474,25 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
 # Set `self.scaling = alpha / math.sqrt(r)` in `InlineLoRA.__init__`. Build
 # `LoRALinear(nn.Linear(D, D, bias=False), r=R, lora_alpha=ALPHA, use_rslora=True)`, copy
 # the base weight, $A$ and $B$ into it as in the comparison cell, and assert
-# `(ours(x) - patched(x)).abs().max() < 1e-5`. Both scale by $16/\sqrt{8} \approx 5.66$.
+# `(ours(x) - patched(x)).abs().max() < 1e-5`. Both scale by $\alpha/\sqrt{r}$ =
+# {glue:text}`rs_scale`.
 # ```
 #
 # ```{admonition} Solution 3
 # :class: dropdown
 # For each curve `c`, `k90 = int((c < 0.9).sum()) + 1` is the number of directions needed
-# to reach 90%. Group by `n.split(".")[-2]` as in the table cell and compare the means;
-# a random 192×192 matrix needs well over a hundred.
+# to reach nine tenths. Group by `n.split(".")[-2]` as in the table cell and compare the
+# means; a random {glue:text}`tiny_d`×{glue:text}`tiny_d` matrix needs well over a hundred.
 # ```
+
+# %% tags=["hide-cell"]
+# The solutions paste these.
+ffn_7b = sizing.shape_config("llama-2-7b").intermediate_size
+up = LoRALinear(nn.Linear(D, ffn_7b, bias=False, device="meta"),
+                r=16, lora_alpha=32)
+up_patch = up.lora_A.weight.numel() + up.lora_B.weight.numel()
+glue("ffn_7b", up.base_layer.out_features, "d")
+glue("up_patch", up_patch)
+glue("up_weight", up.base_layer.weight.numel())
+glue("up_saving", up.base_layer.weight.numel() / up_patch, ".1f")
+glue("rs_scale", ALPHA / math.sqrt(R), ".2f")

@@ -73,6 +73,7 @@ from lora_lab.adapters import save_adapter
 from lora_lab.inject import LoRAConfig, add_lora, count_parameters
 from lora_lab.inject import linear_module_names
 from lora_lab.paths import RESULTS_DIR
+from lora_lab.prose import bootstrap_accuracy_diff, glue
 
 lora_lab.seed_everything(SEED)
 print(lora_lab.runtime.describe())
@@ -94,6 +95,8 @@ emb = base.get_input_embeddings().weight
 print(f"{'model.embed_tokens':32} weight {tuple(emb.shape)}")
 print(f"{len(base.model.layers)} blocks, "
       f"{count_parameters(base)[1]:,} parameters in all")
+glue("vocab", emb.shape[0])
+glue("hidden", emb.shape[1])
 
 # %% [markdown]
 # A LoRA patch on a layer with $d_\text{in}$ inputs and $d_\text{out}$ outputs trains
@@ -127,6 +130,15 @@ def predicted(targets):
 
 for placement, targets in PLACEMENTS.items():
     print(f"{placement:22} {predicted(targets):>9,} trainable")
+gate_out, gate_in = base.model.layers[0].mlp.gate_proj.weight.shape
+glue("gate_in", gate_in)
+glue("gate_out", gate_out)
+glue("gate_per_block", R * (gate_in + gate_out))
+glue("gate_total", predicted(["gate_proj"]))
+glue("n_qv", predicted(PLACEMENTS["q,v"]))
+glue("n_ffn", predicted(PLACEMENTS["ffn"]))
+glue("r", R)
+glue("live_steps", LIVE_STEPS)
 
 # %% [markdown]
 # ## Build each placement and weigh its file
@@ -174,7 +186,8 @@ for placement in PLACEMENTS:
 # `save_embedding_layers`, `"auto"` by default: when `embed_tokens` or `lm_head` is a
 # target, it saves the **whole** embedding and head weights alongside the patch, since a
 # patched vocabulary layer usually goes with a resized vocabulary. Those two matrices are
-# $2 \times 2048 \times 192$ numbers, more than the rest of the adapter many times over.
+# two vocabulary-by-width matrices ({glue:text}`vocab` × {glue:text}`hidden` each), more than
+# the rest of the adapter many times over.
 # Saving with `save_embedding_layers=False` leaves them out:
 
 # %%
@@ -187,17 +200,24 @@ print(f"save_embedding_layers=False:  {lean:>10,} bytes")
 print(f"embedding + head weights:     {vocab_weights:>10,} bytes")
 extra = live_sizes["all-linear+embed+head"][1] - lean
 assert abs(extra - vocab_weights) < 1000  # the difference is those weights
+LLAMA_VOCAB, LLAMA_WIDTH = 32000, 4096  # Llama-2-7B's published config
+llama_vocab_bytes = 2 * LLAMA_VOCAB * LLAMA_WIDTH * 4
+glue("llama_vocab", LLAMA_VOCAB, "d")
+glue("llama_width", LLAMA_WIDTH, "d")
+glue("ci", 95)
+glue("llama_vocab_gb", llama_vocab_bytes / 1e9, ".1f")
 
 # %% [markdown]
-# On Llama-2-7B the same two matrices are $2 \times 32000 \times 4096$ numbers: 1 GB in
-# fp32 riding along in what should be a megabyte-sized patch.
+# On Llama-2-7B the same two matrices are {glue:text}`llama_vocab` × {glue:text}`llama_width`
+# numbers each:
+# {glue:text}`llama_vocab_gb` GB in fp32 riding along in what should be a megabyte-sized patch.
 #
 # ## The measured trade-off
 #
 # `benchmarks/where_to_patch.py` trains each placement on the `sql` task with the same
-# rank, learning rate, steps and data order, then scores 200 unseen requests and the
+# rank, learning rate, steps and data order, then scores unseen requests and the
 # knowledge probes; as a reference it also fine-tunes every weight with the same budget
-# (learning rate 1e-3; its "adapter file" is the whole model). Its cached results, after
+# (at its own learning rate; its "adapter file" is the whole model). Its cached results, after
 # checking they describe the same adapters we just built (the cached run may leave out the
 # slow PEFT placement; the cell says so):
 
@@ -225,6 +245,13 @@ print(f"{'full fine-tuning':22} {full['trainable_params']:>9,} "
       f"{full['adapter_bytes'] / 1000:>8.0f} {full['accuracy']:>8.2f} "
       f"{full['probe_accuracy']:>6.2f}")
 print(f"(base model probe accuracy: {sweep['base_probe_accuracy']:.2f})")
+N_ITEMS = sweep["eval_items"]
+glue("n_items", N_ITEMS)
+for placement, row in [*rows.items(), ("full", full)]:
+    key = placement.replace(",", "").replace("+", "_").replace("-", "_")
+    glue(f"acc_{key}", row["accuracy"], ".3f")
+    glue(f"kb_{key}", row["adapter_bytes"] / 1000, ".0f")
+    glue(f"probes_{key}", row["probe_accuracy"], ".2f")
 
 # %%
 fig, axes = plot.new_figure(ncols=2, width=4.6, height=3.5)
@@ -248,24 +275,35 @@ fig
 
 # %% [markdown]
 # (claim-where-to-patch)=
-# What the sweep says, checked against the sources' map:
+# What the sweep says, checked against the sources' map. Each accuracy is measured on
+# {glue:text}`n_items` test items, so each carries sampling noise: the cell below bootstraps
+# the items ({glue:text}`ci`% intervals) and picks the words.
 #
-# 1. **Attention is the classic target, and all four projections beat two.** The LoRA
-#    paper patched $W_q$ and $W_v$ {cite}`hu2021lora`; at the same rank, patching all four
-#    attention projections learns more of the task in the same budget.
+# 1. **Attention is the classic target; all four projections
+#    {glue:text}`attn_vs_qv_word` two.** The LoRA paper patched $W_q$ and $W_v$
+#    {cite}`hu2021lora`. At the same rank, all four attention projections scored
+#    {glue:text}`acc_attention` against {glue:text}`acc_qv` for q,v: a difference of
+#    {glue:text}`attn_vs_qv_diff`, with a {glue:text}`ci`% interval of {glue:text}`attn_vs_qv_lo` to
+#    {glue:text}`attn_vs_qv_hi` over the test items. {glue:text}`attn_vs_qv_sentence`
 # 2. **The FFN adds capacity.** Its three layers are wider, so the same rank trains more
 #    numbers there, and patching every linear layer (attention + FFN) learns the task
-#    clearly better than attention alone.
+#    {glue:text}`all_vs_attn_word` attention alone ({glue:text}`acc_all_linear` against
+#    {glue:text}`acc_attention`, {glue:text}`ci`% interval of the difference {glue:text}`all_vs_attn_lo`
+#    to {glue:text}`all_vs_attn_hi`).
 # 3. **Embeddings and the head bloat the file, and cost knowledge.** Adding them adds few
 #    trainable numbers but, saved the default way, multiplies the adapter file several times
-#    (measured live above, no training needed). On this task they bought a few points of
-#    accuracy over all-linear, and paid for them in general knowledge: the lowest probe
-#    accuracy of any placement, by far. The other placements lost one fact of 144 or none.
+#    (measured live above, no training needed). On this task they scored
+#    {glue:text}`acc_all_linear_embed_head` against all-linear's {glue:text}`acc_all_linear`,
+#    and paid in general knowledge: probes {glue:text}`probes_all_linear_embed_head`, the
+#    lowest of any placement, by far. The other placements lost at most
+#    {glue:text}`others_lost` of the {glue:text}`n_probes` probes.
 #
-# And the best patches come close to recompiling: all-linear LoRA lands within 6 points
-# (11 of the 200 questions) of full fine-tuning, training under a twentieth of its numbers.
-# q,v alone stays well below. Chapter 04 shows what rank and scale change, and chapter 09
-# where a small patch stops being enough.
+# And the best patches come close to recompiling, without matching it: all-linear LoRA
+# scored {glue:text}`acc_all_linear` against full fine-tuning's {glue:text}`acc_full`,
+# {glue:text}`full_gap_items` of the {glue:text}`n_items` questions behind ({glue:text}`ci`% interval of
+# the gap {glue:text}`full_gap_lo` to {glue:text}`full_gap_hi`: {glue:text}`full_gap_word`),
+# training under a twentieth of its numbers. q,v alone stays well below. Chapter 04 shows
+# what rank and scale change, and chapter 09 where a small patch stops being enough.
 
 # %%
 acc = {p: row["accuracy"] for p, row in rows.items()}
@@ -274,7 +312,7 @@ n = {p: row["trainable_params"] for p, row in rows.items()}
 others_probes = min(r["probe_accuracy"] for p, r in rows.items()
                     if p != "all-linear+embed+head")
 checks = {
-    "attention (4) beats q,v (2)": acc["attention"] > acc["q,v"],
+    "attention (4) scores above q,v (2)": acc["attention"] > acc["q,v"],
     "ffn trains more numbers than attention": n["ffn"] > n["attention"],
     "all-linear beats attention": acc["all-linear"] > acc["attention"],
     "embed+head file > 5x all-linear file":
@@ -297,6 +335,38 @@ for claim, ok in checks.items():
     print(f"{claim:40} {ok}")
 assert all(checks.values())
 
+
+def versus(key, a, b):
+    """Bootstrap acc a - acc b; is the difference clear of zero?"""
+    diff, lo, hi = bootstrap_accuracy_diff(a, b, N_ITEMS)
+    for name, value in (("diff", diff), ("lo", lo), ("hi", hi)):
+        glue(f"{key}_{name}", value, "+.3f")
+    clear = lo > 0 or hi < 0
+    print(f"{key}: {diff:+.3f}, 95% interval {lo:+.3f} to {hi:+.3f}")
+    return diff, clear
+
+
+diff, clear = versus("attn_vs_qv", acc["attention"], acc["q,v"])
+assert diff > 0  # attention scored higher on this run...
+glue("attn_vs_qv_word", "beat" if clear else "scored above")
+glue("attn_vs_qv_summary", "a clear difference" if clear
+     else "a difference inside the test set's noise")
+glue("attn_vs_qv_sentence", "The interval excludes no difference." if clear
+     else "The interval covers zero: on this many items the two placements are "
+          "not told apart, and the sources' ordering is not confirmed here.")
+diff, clear = versus("all_vs_attn", acc["all-linear"], acc["attention"])
+assert diff > 0
+glue("all_vs_attn_word", "clearly better than" if clear else "better than")
+diff, clear = versus("full_gap", full["accuracy"], acc["all-linear"])
+assert diff > 0  # full fine-tuning scored higher: all-linear did not match it
+glue("full_gap_items", round(diff * N_ITEMS))
+glue("full_gap_word", "a real gap" if clear else "within the noise")
+N_PROBES = len(data.load_probes("test"))
+glue("n_probes", N_PROBES)
+glue("others_lost", round((1 - others_probes) * N_PROBES))
+glue("full_vs_all_params",
+     full["trainable_params"] / n["all-linear"], ".0f")
+
 # %% [markdown]
 # More targets are not free: every placement adds trainable parameters, optimizer state
 # and file size, and a bigger patch can also overfit a small data set. Choosing targets is
@@ -309,7 +379,7 @@ assert all(checks.values())
 # A short live run of one placement (`LIVE_PLACEMENT`), with fewer steps than the sweep.
 # The loss is printed as it trains (that output varies with the machine's speed, so it is
 # not compared); the cell after it checks that the patch learned something: the mean loss
-# of the last three steps is at least 20% below that of the first three.
+# of the last three steps is at least a fifth below that of the first three.
 
 # %% tags=["nbval-ignore-output"]
 model = build(LIVE_PLACEMENT)
@@ -332,9 +402,13 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
 # - Targets are chosen by layer name; a patch on a $d_\text{in} \to d_\text{out}$ layer
 #   trains $r(d_\text{in} + d_\text{out})$ numbers, so wider layers cost more at the same
 #   rank.
-# - On the bundled model, at one rank and one budget, more placements learned more: q,v
-#   below all four attention projections, below every linear layer. All-linear LoRA
-#   matched full fine-tuning, which trains 22 times as many numbers.
+# - On the bundled model, at one rank and one budget, more placements scored higher: q,v
+#   ({glue:text}`acc_qv`) below all four attention projections ({glue:text}`acc_attention`,
+#   {glue:text}`attn_vs_qv_summary`), below every linear layer
+#   ({glue:text}`acc_all_linear`). All-linear LoRA came within {glue:text}`full_gap_items`
+#   questions of full fine-tuning ({glue:text}`acc_full`) but did not match it
+#   ({glue:text}`full_gap_word`), and full fine-tuning trains {glue:text}`full_vs_all_params`
+#   times as many numbers.
 # - LoRA on the embedding and head adds few trainable numbers but, saved PEFT's default way,
 #   ships the full vocabulary matrices in the adapter file: here several times the size of
 #   everything else, on Llama-2-7B a gigabyte.
@@ -342,16 +416,17 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
 #
 # ## Exercises
 #
-# 1. Predict, then check with `count_parameters`, the trainable count of r=8 on
+# 1. Predict, then check with `count_parameters`, the trainable count of `R` on
 #    `gate_proj` alone.
 # 2. Train the live cell with `LIVE_PLACEMENT = "q,v"` and the same steps. Is its loss
-#    after 15 steps higher or lower than the FFN's?
+#    after {glue:text}`live_steps` steps higher or lower than the FFN's?
 # 3. Why does "all-linear" leave out `lm_head`, even though it is a linear layer?
 #
 # ```{admonition} Solution 1
 # :class: dropdown
-# `gate_proj` maps 192 to 512, so each block adds $8 \cdot (192 + 512) = 5{,}632$ and the
-# four blocks 22,528. Check it with
+# `gate_proj` maps {glue:text}`gate_in` to {glue:text}`gate_out`, so at r={glue:text}`r`
+# each block adds $r \cdot (d_\text{in} + d_\text{out})$ = {glue:text}`gate_per_block` and
+# the whole model {glue:text}`gate_total`. Check it with
 # `count_parameters(add_lora(lora_lab.load_base()[0], LoRAConfig(r=8,
 # target_modules=["gate_proj"])))[0]`.
 # ```
@@ -359,14 +434,16 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
 # ```{admonition} Solution 2
 # :class: dropdown
 # Set `LIVE_PLACEMENT = "q,v"` in the parameters cell and re-run from there. q,v trains
-# 24,576 numbers against the FFN's 67,584 and usually ends the 15 steps with a higher loss;
+# {glue:text}`n_qv` numbers against the FFN's {glue:text}`n_ffn` and usually ends the
+# {glue:text}`live_steps` steps with a higher loss;
 # the cached sweep shows where each placement ends up with more steps.
 # ```
 #
 # ```{admonition} Solution 3
 # :class: dropdown
 # PEFT defines "all-linear" as every linear layer except the output layer, and `lora_lab`
-# follows it: the head is vocabulary-sized (here 2048 × 192, on Llama-2-7B 32000 × 4096),
+# follows it: the head is vocabulary-sized (here {glue:text}`vocab` × {glue:text}`hidden`,
+# on Llama-2-7B {glue:text}`llama_vocab` × {glue:text}`llama_width`),
 # so patching it costs as much as several blocks, and changing the output vocabulary is
 # rarely what a task needs. Name `lm_head` explicitly when it is.
 # ```

@@ -69,6 +69,12 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from lora_lab import adapters, data, models, sizing, train
+from lora_lab.prose import glue
+
+import accelerate
+import trl
+
+glue("trl_version", trl.__version__)
 
 datasets.disable_progress_bars()
 lora_lab.seed_everything(SEED)
@@ -101,9 +107,12 @@ n_base = sum(p.numel() for p in base.parameters() if not p.requires_grad)
 assert total == n_base + trainable
 assert trainable == models.count_parameters(model, trainable_only=True)
 print(f"{trainable / total:.2%} of the weights train")
+glue("tiny_millions", total / 1e6, ".1f")
+glue("tiny_share", trainable / total, ".1%")
 
 # %% [markdown]
-# On a 2.6-million-parameter model a rank-8 patch is a few percent of the weights. On a
+# On a {glue:text}`tiny_millions`-million-parameter model this patch is
+# {glue:text}`tiny_share` of the weights. On a
 # real model the share is far smaller. `sizing.meta_model` builds Llama-2-7B on PyTorch's
 # `meta` device (shapes, no storage), and PEFT counts it like any other model.
 
@@ -121,10 +130,23 @@ assert line_7b == (
     "trainable params: 39,976,960 || all params: 6,778,392,576"
     " || trainable%: 0.5898"
 )
+share_7b = float(line_7b.rsplit(" ", 1)[1])
+cfg_7b = llama_7b.config
+glue("llama_layers", cfg_7b.num_hidden_layers)
+glue("llama_width", cfg_7b.hidden_size, "d")
+qv_trainable, qv_total = sizing.lora_counts("llama-2-7b", 16,
+                                           ["q_proj", "v_proj"])
+glue("qv_7b", qv_trainable)
+glue("qv_7b_share", qv_trainable / qv_total, ".2%")
+glue("qv_7b_total_b", qv_total / 1e9, ".2f")
+glue("share_7b", share_7b / 100, ".2%")
+glue("trainable_7b", int(line_7b.split()[2].replace(",", "")))
 
 # %% [markdown]
-# The 7B line is what the English source prints for the same setting: 0.59% of the
-# weights train.
+# PEFT prints {glue:text}`trainable_7b` trainable parameters for this setting,
+# {glue:text}`share_7b` of the weights. Neither source prints this line: the Chinese source
+# prints the same trainable count with a different total and "trainable%: 0.1287", which
+# matches no standard configuration (chapter 02 checks it; ledger claim 2).
 #
 # ## Path 1: continued pretraining with `Trainer`
 #
@@ -284,7 +306,7 @@ assert loss_after < loss_before
 #
 # The sources pass these to `SFTTrainer` itself: `max_seq_length=2048` (the Chinese
 # source), `tokenizer=tokenizer` and `dataset_text_field="quote"` (the English one). With
-# TRL 1.x `SFTTrainer` accepts none of the three: the tokenizer is passed as
+# TRL {glue:text}`trl_version` `SFTTrainer` accepts none of the three: the tokenizer is passed as
 # `processing_class`, and the text field and the length are settings of `SFTConfig`
 # (`dataset_text_field`, and `max_length`, renamed from `max_seq_length`). The old calls
 # now fail with a `TypeError`:
@@ -393,14 +415,15 @@ print("lora_lab vs PEFT: max |logit difference| < 1e-5;"
 # Same file format is one thing; same *quality* is another. The benchmark
 # `benchmarks/loop_vs_trainer.py` trains the sql adapter twice from the same base and seed,
 # with the same recipe (r=8, alpha=16 on q, k, v, o; AdamW at a constant learning rate;
-# gradients clipped to 1.0; batch 32; loss on the answer only):
+# gradients clipped; batch {glue:text}`duel_batch`; loss on the answer only):
 #
-# - with `lora_lab`'s `LoRALinear` and its 100-line loop (`lora_lab.train`);
+# - with `lora_lab`'s `LoRALinear` and its own short loop (`lora_lab.train`);
 # - with PEFT's `LoraConfig` and TRL's `SFTTrainer`, the workflow above.
 #
 # The two runs shuffle the data differently, so their adapters are not equal tensor by
 # tensor. The claim is that they are equally good and interchangeable: test accuracy within
-# 5 points (10 of 200 items), and each adapter loads in the *other* library with the same
+# {glue:text}`duel_tol` ({glue:text}`duel_tol_items` of {glue:text}`duel_items` items), and
+# each adapter loads in the *other* library with the same
 # logits and the same accuracy. The run takes a few minutes, so the chapter reads its
 # saved results; `python benchmarks/loop_vs_trainer.py` reproduces them, and
 # `tests/test_train.py` re-runs a short version of it on every `make test`.
@@ -425,6 +448,12 @@ for name, source in [("lora_lab adapter in PEFT", "lora_lab loop"),
                      ("PEFT adapter in lora_lab", "PEFT + SFTTrainer")]:
     assert cross[name]["accuracy"] == trained[source]["accuracy"]
     assert cross[name]["max_logit_diff"] < 1e-4
+glue("duel_batch", duel["meta"]["batch_size"])
+glue("duel_items", duel["meta"]["eval_items"])
+glue("duel_tol", duel["tolerance"], ".2f")
+glue("duel_tol_items", round(duel["tolerance"] * duel["meta"]["eval_items"]))
+glue("duel_gap", duel["accuracy_gap"], ".3f")
+glue("accelerate_version", accelerate.__version__)
 
 # %% [markdown]
 # ## Scaling out
@@ -452,16 +481,17 @@ for name, source in [("lora_lab adapter in PEFT", "lora_lab loop"),
 # enough; FSDP or DeepSpeed is for when the frozen base model itself does not fit on one GPU.
 #
 # One trap when you try this on a laptop: `accelerate launch --cpu --num_processes 2` starts
-# **one** process in accelerate 1.15 (its `--cpu` path runs the script directly; several CPU
+# **one** process in accelerate {glue:text}`accelerate_version` (its `--cpu` path runs the script directly; several CPU
 # processes need an MPI host file). The second line above works on a machine without GPUs:
 # the trainer builds `Accelerator(cpu=True)`, so the two processes talk over gloo. The
 # trainer's `metrics.json` records `num_processes`, and `tests/test_cli.py` checks both
-# launch lines: two processes give the same per-step losses as one, within 2e-3.
+# launch lines: two processes give the same per-step losses as one, within a tolerance
+# that test sets.
 #
 # ## Summary
 #
 # - `LoraConfig` + `get_peft_model` patch a model; `print_trainable_parameters` shows the
-#   share that trains: 0.59% for Llama-2-7B at r=16 on every linear layer.
+#   share that trains: {glue:text}`share_7b` for Llama-2-7B at r=16 on every linear layer.
 # - Path 1, continued pretraining: `Trainer` with `DataCollatorForLanguageModeling(mlm=False)`.
 #   Path 2, instruction tuning: `SFTTrainer` with `SFTConfig(assistant_only_loss=True)`,
 #   which needs a chat template with generation markers.
@@ -481,8 +511,9 @@ for name, source in [("lora_lab adapter in PEFT", "lora_lab loop"),
 #
 # ```{admonition} Solution 1
 # :class: dropdown
-# Each of the 32 layers gets two rank-16 patches of 16 x (4096 + 4096) weights: 8,388,608
-# trainable parameters, about 0.12% of the 6.75 billion. Change `config_7b` and re-run the
+# Each of the {glue:text}`llama_layers` layers gets two rank-16 patches of
+# $r \cdot (d + d)$ weights ($d$ = {glue:text}`llama_width`): {glue:text}`qv_7b` trainable
+# parameters, {glue:text}`qv_7b_share` of the {glue:text}`qv_7b_total_b` billion. Change `config_7b` and re-run the
 # cell to see PEFT print it.
 # ```
 #

@@ -46,7 +46,8 @@ import matplotlib.pyplot as plt
 
 import lora_lab
 from lora_lab import data
-from lora_lab.paths import TINY_BASE_DIR
+from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR
+from lora_lab.prose import glue
 
 lora_lab.seed_everything(SEED)
 print(lora_lab.runtime.describe())
@@ -70,11 +71,12 @@ for example in shift[:3]:
 #
 # The model card's measurement (`python -m lora_lab.pretrain --report`, stored in
 # `data/models/tiny-base/metrics.json`) fine-tuned the bundled model on each task with the
-# same budget — 250 steps, batch 32, same data order — once with LoRA (r=8, alpha=16 on
-# q, k, v, o) and once fully, then scored 200 held-out test items and re-ran the knowledge
-# probes. Full fine-tuning trains at a learning rate of 1e-3. LoRA's rate was picked per
-# task on the validation split (`benchmarks/card_lora_lr.py`): 1e-2 on `sql`, where a
-# higher rate helps, and 3e-3 on the other two, where no rate tried did better.
+# same budget — {glue:text}`card_steps` steps, same data order — once with LoRA (r=8,
+# alpha=16 on q, k, v, o) and once fully, then scored held-out test items and re-ran the
+# knowledge probes. Full fine-tuning trains at a learning rate of {glue:text}`full_lr`.
+# LoRA's rate was picked per task on the validation split (`benchmarks/card_lora_lr.py`):
+# {glue:text}`lr_sql` on `sql`, {glue:text}`lr_support` on `support` and
+# {glue:text}`lr_shift` on `shift` (no rate tried did better on the validation items).
 
 # %%
 card = json.loads((TINY_BASE_DIR / "metrics.json").read_text())
@@ -94,6 +96,24 @@ lora_params = runs["shift", "lora"]["trainable_params"]
 full_params = runs["shift", "full"]["trainable_params"]
 print(f"trainable: LoRA {lora_params:,}  full {full_params:,}")
 print("LoRA learning rates:", {t: runs[t, "lora"]["lr"] for t in tasks})
+glue("card_steps", runs["shift", "lora"]["steps"])
+glue("full_lr", runs["shift", "full"]["lr"], "g")
+for task in tasks:
+    glue(f"lr_{task}", runs[task, "lora"]["lr"], "g")
+    for m in ("lora", "full"):
+        glue(f"acc_{task}_{m}", runs[task, m]["test_accuracy"], ".3f")
+        glue(f"probes_{task}_{m}", runs[task, m]["probe_accuracy_after"], ".0%")
+    glue(f"gap_{task}", gap[task], ".2f")
+# The learning-rate search behind the card (benchmarks/card_lora_lr.py):
+# what a high LoRA rate costs in facts on `support`.
+lr_search = json.loads((RESULTS_DIR / "card_lora_lr.json").read_text())
+hot = [r for r in lr_search["tasks"]["support"]["runs"] if r["lr"] == 1e-2]
+glue("hot_lr", 1e-2, "g")
+glue("hot_seeds", len(hot))
+glue("hot_probes", sum(r["probe_accuracy_after"] for r in hot) / len(hot),
+     ".0%")
+print(f"support at lr 1e-2, {len(hot)} seeds: probes kept",
+      [r["probe_accuracy_after"] for r in hot])
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -113,8 +133,9 @@ plt.show()
 # (claim-domain-gap)=
 # The sources warn that when the task is far from the pretraining domain, LoRA "may not be
 # enough to inject all the new knowledge". On this model the gap between full fine-tuning
-# and LoRA is largest on `shift`: full fine-tuning learns the made-up language, LoRA r=8
-# learns none of it in the same budget.
+# and LoRA is largest on `shift`: full fine-tuning learns the made-up language
+# ({glue:text}`acc_shift_full`), LoRA r=8 learns none of it in the same budget
+# ({glue:text}`acc_shift_lora`).
 
 # %%
 assert gap["shift"] > max(gap["sql"], gap["support"]), gap
@@ -123,8 +144,9 @@ assert runs["shift", "full"]["test_accuracy"] > 0.9
 
 # %% [markdown]
 # On the two in-domain tasks the picture is the one the sources describe for narrow tasks:
-# LoRA r=8 matches full fine-tuning on `support` and stays within ten points of it on
-# `sql`. The model card breaks the `sql` errors down by request shape: both methods miss
+# LoRA r=8 matches full fine-tuning on `support` ({glue:text}`acc_support_lora` against
+# {glue:text}`acc_support_full`) and stays {glue:text}`gap_sql` below it on `sql`
+# ({glue:text}`acc_sql_lora` against {glue:text}`acc_sql_full`). The model card breaks the `sql` errors down by request shape: both methods miss
 # some joins (a limit of the small model, which must copy a product's name into the
 # query), and LoRA alone misses some numbers it should copy from the request, which full
 # fine-tuning gets all right.
@@ -142,8 +164,8 @@ assert full_num[0] == full_num[1] > lora_num[0]
 
 # %% [markdown]
 # The forgetting columns tell the other half of the trade. On `shift`, full fine-tuning
-# rewrote so much of the model that it kept far fewer of its pretraining facts than
-# LoRA did.
+# rewrote so much of the model that it kept {glue:text}`probes_shift_full` of its
+# pretraining facts, against LoRA's {glue:text}`probes_shift_lora`.
 
 # %%
 probes_full = runs["shift", "full"]["probe_accuracy_after"]
@@ -158,7 +180,8 @@ assert probes_full < probes_lora
 #
 # The usual advice for a gap like this is "raise r and patch every linear layer". The
 # benchmark `benchmarks/shift_rank_sweep.py` tried it on `shift`, with the same budget as
-# above: LoRA on all seven projections of every block at r = 1, 4, 16 and 64 (alpha = 2r),
+# above: LoRA on all seven projections of every block at r = {glue:text}`shift_ranks`
+# (alpha = 2r),
 # and one more run that keeps r=8 on the attention projections but also trains the output
 # head (`modules_to_save=["lm_head"]` in PEFT).
 
@@ -173,14 +196,28 @@ print(f"{'run':24} {'trainable':>10} {'accuracy':>9} {'probes':>7} {'loss':>6}")
 for r in sweep["runs"]:
     print(f"{r['name']:24} {r['trainable_params']:>10,} {r['accuracy']:>9.3f}"
           f" {r['probe_accuracy']:>7.3f} {r['final_loss']:>6.2f}")
+ranks = [int(r["name"].split()[0][2:]) for r in sweep["runs"]
+         if r["name"].endswith("all-linear")]
+glue("shift_ranks", ", ".join(map(str, ranks)))
+glue("r_top", ranks[-1])
+top = by_name[f"r={ranks[-1]} all-linear"]
+head_run = by_name["r=8 q,k,v,o + lm_head"]
+glue("top_acc", top["accuracy"], ".3f")
+glue("top_share", top["trainable_params"]
+     / by_name["full fine-tuning"]["trainable_params"], ".0%")
+glue("head_acc", head_run["accuracy"], ".3f")
+glue("head_probes", head_run["probe_accuracy"], ".0%")
+glue("top_probes", top["probe_accuracy"], ".0%")
 
 # %% [markdown]
-# No rank is enough. At r=64 on every linear layer LoRA trains more than a third as many
-# numbers as the whole model, and still gets no answer right; its loss barely moves, and
+# No rank is enough. At r={glue:text}`r_top` on every linear layer LoRA trains
+# {glue:text}`top_share` as many numbers as full fine-tuning, and still scores
+# {glue:text}`top_acc`; its loss barely moves, and
 # the probe column shows the cost: the more rank, the more of the pretraining facts it
-# destroys while failing to learn the task. Training the output head instead (r=8 stays on
-# attention) learns most of the language, keeps nearly all the facts, and trains under half
-# the numbers of r=64.
+# destroys while failing to learn the task (probes {glue:text}`top_probes` at
+# r={glue:text}`r_top`). Training the output head instead (r=8 stays on attention) scores
+# {glue:text}`head_acc`, keeps {glue:text}`head_probes` of the facts, and trains under half
+# the numbers of r={glue:text}`r_top`.
 #
 # Why the head? The Kelvish words are spelled with tokens the base model was never trained
 # to *predict*: the corpus never contains them (the project's tests check that `sql` and
@@ -235,7 +272,8 @@ assert by_name["full fine-tuning"]["accuracy"] > 0.9
 # - Full fine-tuning closes that gap by rewriting the model, and pays in forgotten
 #   knowledge: on `shift` it kept far fewer pretraining facts than LoRA.
 # - More rank is not always the fix: when the task needs words the base model never learned
-#   to say, r=64 on every layer learned nothing and forgot most facts, while r=8 plus a
+#   to say, r={glue:text}`r_top` on every layer learned nothing and forgot most facts, while
+#   r=8 plus a
 #   trainable output head learned most of the task.
 # - For domain shifts and global behaviour changes, budget for the layers the task needs,
 #   continued pretraining or full fine-tuning.
@@ -254,7 +292,7 @@ assert by_name["full fine-tuning"]["accuracy"] > 0.9
 # `tok(text, add_special_tokens=False)["input_ids"]` for every text of
 # `data.load_corpus("train")`; collect the answer tokens of each task with
 # `train.encode_example(tok, example, 96)[1]` (labels other than -100). `shift` uses a few
-# dozen tokens the corpus never contains: 55 of its 56 answer tokens. `sql` uses none.
+# dozen tokens the corpus never contains: nearly all of its answer tokens. `sql` uses none.
 # `tests/test_data.py` runs the same count as a regression test for `sql` and `support`.
 # ```
 #
