@@ -12,6 +12,9 @@ installed: 4-10 minutes on 2 cores), so install it first:
 
     pip install llama-cpp-python==0.3.36
     python benchmarks/gguf_llama_cpp.py          # writes data/results/gguf_llama_cpp.json
+
+(or, with a build of the sdist in progress or done: PYTHONPATH=<sdist> LLAMA_CPP_LIB_PATH=<folder with
+libllama.so and libggml*.so> python benchmarks/gguf_llama_cpp.py; the JSON records which.)
     python benchmarks/gguf_llama_cpp.py --out /tmp/x.json --prompts 4
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -114,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": {k: size(v) for k, v in files.items()},
         "llama_cpp_seconds": round(seconds, 2),
         "llama_cpp_python": llama_cpp.__version__,
+        # how llama.cpp got here: the installed wheel, or llama-cpp-python's own Python package
+        # pointed (LLAMA_CPP_LIB_PATH) at the libllama/libggml its sdist's cmake build produced
+        "llama_cpp_libraries": "LLAMA_CPP_LIB_PATH"
+        if os.environ.get("LLAMA_CPP_LIB_PATH")
+        else "installed wheel",
         "gguf": importlib.metadata.version("gguf"),
         "torch": torch.__version__,
         "machine": platform.machine(),
