@@ -358,7 +358,8 @@ assert startup["same_answers"] and fast < slow
 # limit, `--max-num-seqs 16` sizes the batch for this chapter. On a GPU drop
 # `--dtype float32` and the CPU variables; `--max-lora-rank` and `--max-loras` stay.
 
-# %%
+# %% tags=["nbval-ignore-output"]
+# says why, where vLLM cannot run
 import importlib.util
 
 from lora_lab import vllm_server
@@ -371,6 +372,7 @@ if not run_vllm:
            if not have_vllm else "RUN_VLLM is False or the base is not local")
     print(f"vLLM cells skipped: {why}")
 
+# %%
 # a rank-16 adapter for the max_lora_rank pitfall: the server refuses it
 # from its config, before reading a weight, so an untrained one will do
 torch.manual_seed(SEED)
