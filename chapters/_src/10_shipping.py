@@ -8,8 +8,8 @@
 # code on your desk gives. The artifacts are real: a merged checkpoint that reloads with
 # `AutoModelForCausalLM`, a live vLLM server with several adapters, and GGUF files for
 # llama.cpp, the format laptops and edge devices run. The patches are the `support` and
-# `sql` adapters trained by `benchmarks/ship_adapters.py` (the loop of chapter 05, with
-# the settings in `configs/`), shipped in `data/adapters/`.
+# `sql` adapters trained by `benchmarks/ship_adapters.py` (the project's trainer,
+# `lora-lab train`, with the settings in `configs/`), shipped in `data/adapters/`.
 #
 # **Learning goals**
 # - save a merged model with its tokenizer and generation config, reload it, and check its
@@ -533,11 +533,12 @@ for n in ("base", "sql", "sql_qv"):
 # ## Another platform: GGUF and llama.cpp
 #
 # llama.cpp runs models on laptops, phones and CPUs without Python, from one GGUF file
-# that holds the hyperparameters, the tokenizer and the tensors. The Chinese source sends
-# merged models there and mentions GGUF LoRA files. llama.cpp's own converter script is
-# not on PyPI, but its file format is: the `gguf` package writes and reads it.
-# `lora_lab.shipping.write_llama_gguf` is a converter for Llama models in about a hundred
-# lines. It renames the tensors, copies the tokenizer, and makes one real change: it
+# that holds the hyperparameters, the tokenizer and the tensors. The Chinese source lists
+# it, with LoRA adapters in GGUF format, among the runtimes that serve unmerged adapters;
+# a merged model goes there the same way. llama.cpp's own converter script is not on
+# PyPI, but its file format is: the `gguf` package writes and reads it.
+# `lora_lab.shipping.write_llama_gguf` is a short converter for Llama models. It renames
+# the tensors, copies the tokenizer, and makes one real change: it
 # reorders the rows of `q_proj` and `k_proj`, because transformers' Llama rotates the two
 # halves of each head in RoPE while llama.cpp rotates adjacent pairs (the tests check
 # that the reordering leaves attention unchanged). Every tensor is read back and compared
