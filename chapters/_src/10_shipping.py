@@ -367,10 +367,9 @@ from lora_lab import vllm_server
 have_vllm = importlib.util.find_spec("vllm") is not None
 base_name, base_dir = lora_lab.models.check_base(BASE_MODEL)
 run_vllm = RUN_VLLM and have_vllm and base_dir is not None
-if not run_vllm:
-    why = ("vLLM is not installed here (it ships wheels for Linux only)"
-           if not have_vllm else "RUN_VLLM is False or the base is not local")
-    print(f"vLLM cells skipped: {why}")
+why = ("vLLM is not installed here (it ships wheels for Linux only)"
+       if not have_vllm else "RUN_VLLM is False or the base is not local")
+print("vLLM cells: run" if run_vllm else f"vLLM cells skipped: {why}")
 
 # %%
 # a rank-16 adapter for the max_lora_rank pitfall: the server refuses it
