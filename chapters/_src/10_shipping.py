@@ -609,6 +609,7 @@ print("  first answer:", repr(tok.decode(cached["answers"]["merged f32"][0])))
 glue("gguf_agree_f32", gguf_agree["merged f32"], display=False)
 glue("gguf_agree_lora", gguf_agree["base + LoRA f32"], display=False)
 glue("gguf_agree_q8", gguf_agree["merged q8_0"], display=False)
+glue("gguf_n", N_PROMPTS, display=False)
 assert gguf_agree["merged f32"] >= N_PROMPTS - 1
 assert gguf_agree["base + LoRA f32"] >= N_PROMPTS - 1
 assert tok_same == N_PROMPTS
@@ -632,7 +633,7 @@ else:
 # transformers' on this model. Q8_0 stores each block of 32 weights as 8-bit integers and
 # one scale: a third of the f32 file, at the price of weights off by up to half a
 # quantization step (the read-back gap above). On these questions it kept
-# {glue:text}`gguf_agree_q8` of 8 answers; rounding shows first in long answers and near
+# {glue:text}`gguf_agree_q8` of {glue:text}`gguf_n` answers; rounding shows first in long answers and near
 # ties, so check a quantized file this way before shipping it.
 # The LoRA GGUF file runs the *unmerged* road inside llama.cpp: base file plus adapter
 # file, as `llama-cli -m base.gguf --lora sql-lora.gguf`.
