@@ -33,7 +33,6 @@ The model is the bundled data/models/tiny-base when it exists, else a tiny rando
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -47,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lora_lab import serving  # noqa: E402
-from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR  # noqa: E402
+from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR, write_json  # noqa: E402
 from lora_lab.registry import AdapterRegistry  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -320,9 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out_path}")
+        print(f"wrote {write_json(out_path, result)}")
     return result
 
 

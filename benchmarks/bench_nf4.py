@@ -15,7 +15,6 @@ as stored) for the same model in fp32, bf16 and NF4 (with and without double qua
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -26,7 +25,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lora_lab import nf4  # noqa: E402
-from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR  # noqa: E402
+from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR, write_json  # noqa: E402
+from lora_lab.pretrain import MODEL_CONFIG, VOCAB_SIZE  # noqa: E402
 
 CODES = {"nf4": nf4.NF4_CODE, "int4": nf4.INT4_CODE, "fp4": nf4.FP4_CODE}
 
@@ -42,14 +42,7 @@ def load_model(path: Path | None):
         repo = Path(__file__).resolve().parent.parent
         return model, str(label.relative_to(repo)) if label.is_relative_to(repo) else str(path)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, **MODEL_CONFIG)  # the bundled model's shape
     return LlamaForCausalLM(config).eval(), "random-init LlamaForCausalLM (bundled model not built yet)"
 
 
@@ -123,8 +116,7 @@ def main() -> None:
             name: nf4.llama_weight_memory(name, double_quant=False) for name in nf4.LLAMA_SHAPES
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     err = results["quantization_error_relative_rmse"]
     print(f"source: {source}")
     print("bits/param measured:", results["bits_per_param_measured"])

@@ -18,7 +18,6 @@ similar size (hidden 192, 4 layers, vocab 2048); the JSON records which.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lora_lab.inject import LoRAConfig, add_lora  # noqa: E402
-from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR  # noqa: E402
+from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR, write_json  # noqa: E402
+from lora_lab.pretrain import MODEL_CONFIG, VOCAB_SIZE  # noqa: E402
 
 
 def build_base(seed: int = 0):
@@ -41,15 +41,7 @@ def build_base(seed: int = 0):
     if (TINY_BASE_DIR / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(TINY_BASE_DIR, dtype=torch.float32)
         return model, f"bundled {TINY_BASE_DIR.relative_to(TINY_BASE_DIR.parents[2])}"
-    config = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, **MODEL_CONFIG)  # the bundled model's shape
     return LlamaForCausalLM(config), "tiny random Llama (data/models/tiny-base missing)"
 
 
@@ -175,9 +167,7 @@ def main(argv=None) -> dict:
     }
     print(f"median ratio lora_lab / PEFT: {result['ratio_median']:.3f} (target <= 1.0)")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {write_json(out, result)}")
     return result
 
 

@@ -11,12 +11,12 @@ The issue fixes the card's LoRA recipe: r=8 on the attention projections (q, k, 
 minutes of training on this CPU, which is 250 steps of batch 32. Its one free knob is the learning
 rate, and the best rate depends on the task: `sql` gains from a high one, while `support` is
 perfect and `shift` hopeless at every rate tried (so the tie rule picks the smallest). Each run
-here is exactly the card's run (`lora_lab.pretrain._finetune`: seeded adapter init, constant rate,
+here is exactly the card's run (`lora_lab.model_card.card_finetune`: seeded adapter init, constant rate,
 loss on the answer only), scored on the task's validation split instead of test. The knowledge
 probes are re-run after each, to show what a higher rate costs.
 
 The rule, per task: the rate with the best mean validation accuracy over the seeds wins; a tie goes
-to the smaller rate. `lora_lab.pretrain.LORA_LRS` must equal the `chosen_lr` of each task in
+to the smaller rate. `lora_lab.model_card.LORA_LRS` must equal the `chosen_lr` of each task in
 `data/results/card_lora_lr.json` (tests/test_pretrain.py checks), and the model card's test
 accuracy is then measured once, with those rates. A run with `--tasks` rewrites only those tasks'
 entries of the file.
@@ -47,12 +47,11 @@ def run_one(task: str, lr: float, seed: int, steps: int, threads: int) -> dict:
     """One card-recipe LoRA fine-tune on `task` at `lr`, scored on the validation split."""
     import torch
 
-    from lora_lab import pretrain
+    from lora_lab import model_card
+    from lora_lab.paths import TINY_BASE_DIR
 
     torch.set_num_threads(threads)
-    row = pretrain._finetune(
-        pretrain.TINY_BASE_DIR, task, "lora", steps, seed=seed, lr=lr, split="validation"
-    )
+    row = model_card.card_finetune(TINY_BASE_DIR, task, "lora", steps, seed=seed, lr=lr, split="validation")
     return {"seed": seed, **row}
 
 
@@ -76,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 rates, 1 seed, 10 steps; writes nothing")
     args = ap.parse_args(argv)
 
-    from lora_lab import pretrain
+    from lora_lab import model_card
 
     tasks = args.tasks.split(",")
     rates = [float(x) for x in args.rates.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
-    steps = pretrain.LORA_STEPS
+    steps = model_card.LORA_STEPS
     if args.quick:
         rates, seeds, steps = rates[:2], seeds[:1], 10
     jobs = [(task, lr, seed) for task in tasks for seed in seeds for lr in rates]
@@ -98,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         task_runs = [r for r in runs if r["task"] == task]
         chosen, means = choose(task_runs)
         print(f"{task}: mean validation accuracy " + ", ".join(f"{lr:g} {m:.4f}" for lr, m in means.items()))
-        print(f"{task}: chosen rate {chosen:g} (lora_lab.pretrain.LORA_LRS has {pretrain.LORA_LRS[task]:g})")
+        print(
+            f"{task}: chosen rate {chosen:g} (lora_lab.model_card.LORA_LRS has {model_card.LORA_LRS[task]:g})"
+        )
         entries[task] = {
             "mean_validation_accuracy": {f"{lr:g}": round(m, 4) for lr, m in means.items()},
             "chosen_lr": chosen,
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "lora_alpha": 16,
             "targets": "q,k,v,o",
             "steps": steps,
-            "batch": pretrain.TASK_BATCH,
+            "batch": model_card.TASK_BATCH,
         },
         "rule": "per task: best mean validation accuracy over seeds; ties go to the smaller rate",
         "tasks": {task: done[task] for task in TASKS if task in done},

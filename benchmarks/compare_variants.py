@@ -21,12 +21,10 @@ Calibration data: CorDA-IPM sees task prompts (it "previews the instruction"); C
 LoRA-Null see pretraining corpus documents (the knowledge to keep). Each sample is fed on its own,
 unpadded, so padding never enters a covariance.
 
-`lora_lab.train.train` optimizes one parameter group at one learning rate (it sets every group's lr
-each step), so LoRA+ cannot go through it; this script therefore runs every method through one small
-loop (`train_groups`) that batches exactly as `train.train` does (same encoding, same seeded
-shuffle), so all methods see the same data in the same order. The loop does not clip gradients
-(`train.train` has clipped the norm to 1.0 by default since this script's results were taken, so
-the same run through `train.train` differs slightly).
+Every method goes through `lora_lab.experiments.finetune_and_score` (the package's one loop) with
+an optimizer built here: LoRA+'s parameter groups keep their own rates. The runs do not clip
+gradients (`max_grad_norm=None`): this script's results were taken without clipping, while
+`train.train` clips the norm to 1.0 by default.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ import datetime
 import json
 import math
 import multiprocessing as mp
-import random
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -48,9 +45,10 @@ from tqdm.auto import tqdm
 import lora_lab
 from lora_lab import data, evaluate
 from lora_lab.dora import add_dora
+from lora_lab.experiments import finetune_and_score, score
 from lora_lab.inject import LoRAConfig, add_lora, count_parameters, mark_only_lora_as_trainable
-from lora_lab.paths import RESULTS_DIR
-from lora_lab.train import collate, encode_example
+from lora_lab.paths import RESULTS_DIR, write_json
+from lora_lab.train import encode_example
 from lora_lab.variants import REWRITING_METHODS, init_variant, loraplus_param_groups
 
 METHODS = [
@@ -117,50 +115,6 @@ def make_optimizer(model, method: str, lr: float, args) -> torch.optim.Optimizer
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def train_groups(model, tok, examples, opt, *, steps: int, batch_size: int, seq_len: int, seed: int,
-                 desc: str = "train") -> dict:  # fmt: skip
-    """`train.train`'s loop (same encoding, seeded shuffle, padding) with a given optimizer.
-
-    Unlike `train.train` it leaves each parameter group's learning rate alone (no warm-up), which
-    is what LoRA+ needs. Returns losses, seconds and seconds per step.
-    """
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    encoded = [encode_example(tok, ex, seq_len) for ex in examples]
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    order: list[int] = []
-    losses: list[float] = []
-    model.train()
-    start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        if len(order) < batch_size:  # a fresh seeded shuffle each epoch, as train.train does
-            more = list(range(len(encoded)))
-            rng.shuffle(more)
-            order.extend(more)
-        idx, order = order[:batch_size], order[batch_size:]
-        batch = collate([encoded[i] for i in idx], pad_id)
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    seconds = time.perf_counter() - start
-    model.eval()
-    return {"losses": losses, "seconds": seconds, "seconds_per_step": seconds / steps}
-
-
-def measure(model, tok, task: str | None, args) -> dict:
-    """Task accuracy (if `task`), probe accuracy and corpus-test perplexity of `model`."""
-    out = {}
-    if task is not None:
-        out["accuracy"] = evaluate.task_accuracy(
-            model, tok, task, "test", limit=args.eval_items, progress=False
-        )
-    out["probe_accuracy"] = evaluate.probe_accuracy(model, tok)
-    out["perplexity"] = evaluate.perplexity(model, tok, "test", limit=args.ppl_docs)
-    return out
-
-
 def run_one(method: str, task: str, args) -> dict:
     lora_lab.seed_everything(args.seed)
     model, tok = lora_lab.load_base(args.base_model, device="cpu")
@@ -168,13 +122,14 @@ def run_one(method: str, task: str, args) -> dict:
     prepare(model, tok, method, task, args)
     init_seconds = time.perf_counter() - t0
     lr = args.full_lr if method == "full" else args.lr
-    opt = make_optimizer(model, method, lr, args)
-    run = train_groups(
-        model, tok, data.load_task(task, "train"), opt, steps=args.steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, seed=args.seed, desc=f"{task}/{method}",
+    encoded = [encode_example(tok, ex, args.seq_len) for ex in data.load_task(task, "train")]
+    res = finetune_and_score(
+        model, tok, task, steps=args.steps, batch_size=args.batch_size, seed=args.seed, encoded=encoded,
+        optimizer=make_optimizer(model, method, lr, args), max_grad_norm=None, progress=True,
+        desc=f"{task}/{method}", limit=args.eval_items, perplexity_limit=args.ppl_docs,
     )  # fmt: skip
     trainable, total = count_parameters(model)
-    losses = run["losses"]
+    losses = res["losses"]
     row = {
         "task": task,
         "method": method,
@@ -182,12 +137,12 @@ def run_one(method: str, task: str, args) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "init_seconds": round(init_seconds, 3),
-        "seconds_per_step": round(run["seconds_per_step"], 4),
-        "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+        "seconds_per_step": round(res["seconds"] / args.steps, 4),
+        "final_loss": round(res["final_loss"], 4),
         "early_loss": round(sum(losses[: args.early_steps]) / args.early_steps, 4),
         "losses": [round(x, 4) for x in losses],
     }
-    row.update({k: round(v, 4) for k, v in measure(model, tok, task, args).items()})
+    row.update({k: round(res[k], 4) for k in ("accuracy", "probe_accuracy", "perplexity")})
     return row
 
 
@@ -195,7 +150,7 @@ def measure_base(tasks: list[str], args) -> dict:
     """The base model before any training: probes, perplexity and each task's accuracy."""
     lora_lab.seed_everything(args.seed)
     model, tok = lora_lab.load_base(args.base_model, device="cpu")
-    base = {k: round(v, 4) for k, v in measure(model, tok, None, args).items()}
+    base = {k: round(v, 4) for k, v in score(model, tok, None, perplexity_limit=args.ppl_docs).items()}
     base["accuracy"] = {
         task: round(
             evaluate.task_accuracy(model, tok, task, "test", limit=args.eval_items, progress=False), 4
@@ -223,9 +178,7 @@ def write(args, methods, tasks, base, rows, start, argv, final: bool) -> None:
         "complete": final,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_json(args.out, result, indent=1)
     if final:
         print(f"wrote {out} in {result['total_seconds']:.0f} s")
 

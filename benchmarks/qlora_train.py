@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -37,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora_lab import data, evaluate, nf4, runtime, train  # noqa: E402
+from lora_lab import data, evaluate, experiments, nf4, runtime  # noqa: E402
 from lora_lab.inject import LoRAConfig, add_lora  # noqa: E402
 from lora_lab.models import load_base  # noqa: E402
-from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR  # noqa: E402
+from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR, write_json  # noqa: E402
 
 R, ALPHA, LR, BATCH = 8, 16, 3e-3, 32
 
@@ -80,25 +79,17 @@ def run(method: str, path: Path, task: str, steps: int, items: int, seed: int) -
         if method == "qlora_lora_lab":
             nf4.quantize_model(model, compute_dtype=runtime.compute_dtype())
         add_lora(model, LoRAConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"))
-    res = train.train(
-        model,
-        tok,
-        data.load_task(task, "train"),
-        steps=steps,
-        lr=LR,
-        batch_size=BATCH,
-        seed=seed,
-        progress=False,
+    res = experiments.finetune_and_score(
+        model, tok, task, steps=steps, lr=LR, batch_size=BATCH, seed=seed, limit=items, probes=False
     )
-    model.eval()
-    acc = evaluate.task_accuracy(model, tok, task, limit=items, progress=False)
+    acc = res["accuracy"]
     row = {
         "method": method,
         "test_accuracy": acc,
         "trainable_params": res["trainable_params"],
         "model_bytes": nf4.model_bytes(model),
         "train_seconds": round(res["seconds"], 1),
-        "final_loss": round(sum(res["losses"][-10:]) / len(res["losses"][-10:]), 4),
+        "final_loss": round(res["final_loss"], 4),
     }
     print(row, flush=True)
     return model, tok, row
@@ -171,8 +162,7 @@ def main() -> None:
         "rows": rows,
         "merges": merges,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(f"wrote {args.out} in {results['seconds']} s")
 
 

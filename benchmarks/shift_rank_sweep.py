@@ -46,10 +46,9 @@ RUNS = {
 def one_run(name: str, steps: int, limit: int | None, seed: int = 0) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from lora_lab import data, runtime
-    from lora_lab.evaluate import probe_accuracy, task_accuracy
+    from lora_lab import runtime
+    from lora_lab.experiments import finetune_and_score
     from lora_lab.models import load_base
-    from lora_lab.train import train
 
     runtime.seed_everything(seed)
     model, tok = load_base(device="cpu")
@@ -57,17 +56,16 @@ def one_run(name: str, steps: int, limit: int | None, seed: int = 0) -> dict:
     if settings is not None:
         model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **settings))
     lr = 3e-3 if settings is not None else 1e-3
-    res = train(model, tok, data.load_task("shift", "train"), steps=steps, lr=lr, batch_size=32, seed=seed,
-                progress=False)  # fmt: skip
+    res = finetune_and_score(model, tok, "shift", steps=steps, lr=lr, batch_size=32, seed=seed, limit=limit)
     return {
         "name": name,
         "settings": settings,
         "lr": lr,
         "trainable_params": res["trainable_params"],
-        "final_loss": round(sum(res["losses"][-10:]) / len(res["losses"][-10:]), 4),
+        "final_loss": round(res["final_loss"], 4),
         "train_seconds": round(res["seconds"], 1),
-        "accuracy": task_accuracy(model, tok, "shift", "test", limit=limit, progress=False),
-        "probe_accuracy": round(probe_accuracy(model, tok), 4),
+        "accuracy": res["accuracy"],
+        "probe_accuracy": round(res["probe_accuracy"], 4),
     }
 
 

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from lora_lab import data, evaluate, runtime, train
+from lora_lab import evaluate, runtime
 from lora_lab.adapters import save_adapter
+from lora_lab.experiments import finetune_and_score
 from lora_lab.inject import LoRAConfig, add_lora, count_parameters
 from lora_lab.models import load_base
 from lora_lab.paths import RESULTS_DIR
@@ -100,10 +101,7 @@ def run_one(placement: str, steps: int, limit: int) -> dict:
     model, tok = make_model(placement)
     trainable, total = count_parameters(model)
     lr = FULL_LR if placement == "full" else LR
-    res = train.train(
-        model, tok, data.load_task(TASK, "train"), steps=steps, lr=lr, batch_size=BATCH, seed=SEED,
-        progress=False,
-    )  # fmt: skip
+    res = finetune_and_score(model, tok, TASK, steps=steps, lr=lr, batch_size=BATCH, seed=SEED, limit=limit)
     row = {
         "placement": placement,
         "targets": PLACEMENTS[placement],
@@ -112,9 +110,9 @@ def run_one(placement: str, steps: int, limit: int) -> dict:
         "trainable_params": trainable,
         "all_params": total,
         "train_seconds": round(res["seconds"], 1),
-        "final_loss": round(sum(res["losses"][-10:]) / 10, 4),
-        "accuracy": round(evaluate.task_accuracy(model, tok, TASK, limit=limit, progress=False), 4),
-        "probe_accuracy": round(evaluate.probe_accuracy(model, tok), 4),
+        "final_loss": round(res["final_loss"], 4),
+        "accuracy": round(res["accuracy"], 4),
+        "probe_accuracy": round(res["probe_accuracy"], 4),
         **adapter_bytes(model, placement),
     }
     print(json.dumps(row), flush=True)

@@ -19,34 +19,38 @@ The package is flat: one module per topic of the book, each importable on its ow
     variants   rsLoRA, LoRA+, OLoRA, PiSSA, CorDA, LoRA-Null, LoftQ (chapter 08)
     dora       DoRA                                                (chapter 08)
 
-The most used entry points are re-exported here, imported on first use so that
-`import lora_lab` stays fast.
-"""
+    experiments  fine-tune then score: the recipe of the card and benchmarks
+    pretrain     the tiny base model, pretrained from scratch      (chapter 00)
+    model_card   the tiny base model's measured card               (chapter 00)
 
-from importlib import import_module
+The most used entry points are re-exported here.
+"""
 
 from lora_lab.runtime import compute_dtype, device, optimizer_name, quiet_library_noise, seed_everything
 
 quiet_library_noise()  # before peft / bitsandbytes are imported: see lora_lab.runtime.NOISE
 
+from lora_lab import runtime  # noqa: E402  (after quiet_library_noise, like everything below)
+from lora_lab.adapters import load_adapter, save_adapter  # noqa: E402
+from lora_lab.inject import LoRAConfig, add_lora, print_trainable_parameters  # noqa: E402
+from lora_lab.layers import LoRALinear  # noqa: E402
+from lora_lab.merge import merge_and_unload  # noqa: E402
+from lora_lab.models import load_base  # noqa: E402
+
 __version__ = "0.1.0"
 
-# name -> module that defines it (loaded lazily by __getattr__)
-_LAZY = {
-    "load_base": "lora_lab.models",
-    "LoRAConfig": "lora_lab.inject",
-    "add_lora": "lora_lab.inject",
-    "print_trainable_parameters": "lora_lab.inject",
-    "LoRALinear": "lora_lab.layers",
-    "merge_and_unload": "lora_lab.merge",
-    "save_adapter": "lora_lab.adapters",
-    "load_adapter": "lora_lab.adapters",
-}
-
-__all__ = ["device", "compute_dtype", "optimizer_name", "seed_everything", *_LAZY]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lora_lab' has no attribute {name!r}")
+__all__ = [
+    "runtime",
+    "device",
+    "compute_dtype",
+    "optimizer_name",
+    "seed_everything",
+    "load_base",
+    "LoRAConfig",
+    "add_lora",
+    "print_trainable_parameters",
+    "LoRALinear",
+    "merge_and_unload",
+    "save_adapter",
+    "load_adapter",
+]

@@ -53,6 +53,8 @@ __all__ = [
     "PICKLE_WEIGHTS_NAME",
     "PEFT_PREFIX",
     "save_adapter",
+    "plan_load",
+    "check_file_rank",
     "load_adapter",
     "read_adapter",
     "adapter_state_dict",
@@ -371,15 +373,22 @@ def save_adapter(
     path: str | os.PathLike,
     config: LoRAConfig | None = None,
     base_model_name_or_path: str | None = None,
+    *,
+    extra_tensors=None,
+    extra_config: dict | None = None,
 ) -> Path:
     """Write the model's LoRA weights and config to `path/` in PEFT's format; returns the folder.
 
     config defaults to the one add_lora stored (`model.lora_config`). base_model_name_or_path
     defaults to `model.name_or_path` as PEFT does (None if the model has none). The folder changes
     as one unit: an interrupted save leaves it entirely old or entirely new, never mixed.
+    `extra_tensors(model)` (a dict of file keys to tensors) and `extra_config` add what a variant
+    stores beside A and B (DoRA's magnitude vectors and `"use_dora": true`, see `lora_lab.dora`).
     """
     folder = _save_target(path)
     tensors, content = _adapter_files(model, config, base_model_name_or_path)
+    tensors.update(extra_tensors(model) if extra_tensors is not None else {})
+    content.update(extra_config or {})
     return _write_adapter_folder(folder, tensors, content)
 
 
@@ -487,7 +496,7 @@ def check_lora_tensor(tensor: torch.Tensor, name: str, where: str) -> None:
         )
 
 
-def _check_file_rank(pair: dict[str, torch.Tensor], name: str, r: int, where: str) -> None:
+def check_file_rank(pair: dict[str, torch.Tensor], name: str, r: int, where: str) -> None:
     """ValueError when A and B agree on a rank that is not the config's: config and weights don't belong together."""
     weight_A, weight_B = pair["lora_A"], pair["lora_B"]
     if weight_A.dim() != 2 or weight_B.dim() != 2:
@@ -504,7 +513,7 @@ def _check_file_rank(pair: dict[str, torch.Tensor], name: str, r: int, where: st
         )
 
 
-def _plan(
+def plan_load(
     model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], where: str
 ) -> dict[str, dict]:
     """Check every tensor against the model; return {layer name: {"lora_A": t, "lora_B": t}}."""
@@ -534,7 +543,7 @@ def _plan(
         )
     for name in targets:
         r = config.rank_alpha_for(name)[0]
-        _check_file_rank(by_layer[name], name, r, where)
+        check_file_rank(by_layer[name], name, r, where)
         if name in injected:  # already has LoRA: the file must fit the existing A and B
             layer = injected[name]
             if layer.r != r:
@@ -582,7 +591,7 @@ def load_adapter(
             raise ValueError(
                 f"LoRA layer {merged[0]} is merged; unmerge_adapters(model) before loading new weights"
             )
-    plan = _plan(model, config, tensors, where)
+    plan = plan_load(model, config, tensors, where)
 
     if not has_lora(model):
         add_lora(model, config)

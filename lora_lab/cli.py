@@ -47,9 +47,7 @@ import dataclasses
 import difflib
 import json
 import math
-import random
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +57,6 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "check_output_dir",
-    "global_batches",
     "train_from_config",
     "main",
 ]
@@ -240,26 +237,6 @@ def _check_writable(path: Path) -> None:
         ) from None
 
 
-# ---------------------------------------------------------------------------- data
-
-
-def global_batches(n_examples: int, batch_size: int, steps: int, seed: int):
-    """The row indices of every global batch, identical on every process.
-
-    The same sampler as `lora_lab.train.train` (a fresh `random.Random(seed)` shuffle each epoch), so
-    a single-process run here sees exactly the batches `train()` sees.
-    """
-    rng = random.Random(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            more = list(range(n_examples))
-            rng.shuffle(more)
-            order.extend(more)
-        rows, order = order[:batch_size], order[batch_size:]
-        yield rows
-
-
 # ---------------------------------------------------------------------------- training
 
 
@@ -282,20 +259,17 @@ def train_from_config(
     check_base(cfg.model)  # a missing folder, one without config.json, an unreachable Hub id
 
     import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
-    from lora_lab.adapters import save_adapter
     from lora_lab.inject import add_lora, count_parameters
     from lora_lab.models import load_base
     from lora_lab.runtime import device, seed_everything
-    from lora_lab.train import collate, encode_examples
+    from lora_lab.train import encode_examples, train
 
     # accelerate only looks for CPU processes (torchrun's WORLD_SIZE, gloo) when told cpu=True;
     # on a GPU machine it finds the GPUs itself.
     accelerator = Accelerator(cpu=device().type == "cpu")
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if cfg.batch_size % world:
         raise ValueError(
             f"batch_size={cfg.batch_size} does not split over {world} processes; use a multiple of {world}"
@@ -307,83 +281,57 @@ def train_from_config(
     model = add_lora(model, _lora_config(cfg))
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+    optimizer = optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(
-        total=cfg.steps,
-        desc=f"train {cfg.task} r={cfg.r}",
-        disable=not (progress and accelerator.is_main_process),
-    )
-    for global_rows in global_batches(len(encoded), cfg.batch_size, cfg.steps, cfg.seed):
-        n_tokens = sum(sum(t != -100 for t in encoded[i][1][1:]) for i in global_rows)  # predicted tokens
-        batch = collate([encoded[i] for i in global_rows[rank::world]], pad_id)  # this process's share
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits  # [b, seq, vocab]
-        token_loss = F.cross_entropy(  # summed over this share's answer tokens
-            logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-            batch["labels"][:, 1:].reshape(-1),
-            reduction="sum",
-        )
-        # DDP averages gradients over processes, so scale by world: the mean equals sum / n_tokens.
-        accelerator.backward(token_loss * world / n_tokens)
-        if cfg.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = accelerator.reduce(token_loss.detach(), reduction="sum").item() / n_tokens
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {len(losses) + 1}; lower lr (now {cfg.lr})")
-        losses.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-    bar.close()
-    seconds = time.perf_counter() - start
-
+    run = train(
+        model, tokenizer, None, encoded=encoded, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
+        optimizer=optimizer, max_grad_norm=cfg.max_grad_norm, accelerator=accelerator,
+        callback=lambda step, loss: _stop_on_nan(step, loss, cfg.lr), log_every=1,
+        progress=progress and accelerator.is_main_process, desc=f"train {cfg.task} r={cfg.r}",
+    )  # fmt: skip
     metrics = None
     if accelerator.is_main_process:
-        from lora_lab.evaluate import task_accuracy
-
-        model = accelerator.unwrap_model(model)
-        model.eval()
-        accuracy = None
-        if cfg.eval_limit != 0:
-            accuracy = task_accuracy(model, tokenizer, cfg.task, split=cfg.eval_split, limit=cfg.eval_limit)
-        tail = losses[-max(1, len(losses) // 10) :]
-        steps_kept = [
-            s for s in range(1, cfg.steps + 1) if s % cfg.log_every == 0 or s == 1 or s == cfg.steps
-        ]
-        metrics = {
-            "config": dataclasses.asdict(cfg),
-            "num_processes": world,
-            "loss_steps": steps_kept,
-            "losses": [round(losses[s - 1], 5) for s in steps_kept],
-            "final_loss": round(sum(tail) / len(tail), 5),
-            "accuracy": accuracy,
-            "seconds": round(seconds, 2),
-            "trainable_params": trainable,
-            "total_params": total,
-            "torch": torch.__version__,
-        }
-        output.mkdir(parents=True, exist_ok=True)
-        save_adapter(model, output, _lora_config(cfg))
+        metrics = _finish(cfg, accelerator.unwrap_model(model), tokenizer, run, output, world)
+        metrics.update(trainable_params=trainable, total_params=total, torch=torch.__version__)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(
-            f"saved adapter to {output} | final loss {metrics['final_loss']:.4f} | "
-            f"accuracy {accuracy if accuracy is None else round(accuracy, 4)} | {seconds:.1f} s on {world} process(es)"
+            f"saved adapter to {output} | final loss {metrics['final_loss']:.4f} | accuracy "
+            f"{metrics['accuracy'] if metrics['accuracy'] is None else round(metrics['accuracy'], 4)} | "
+            f"{metrics['seconds']:.1f} s on {world} process(es)"
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def _stop_on_nan(step: int, loss: float, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss} at step {step}; lower lr (now {lr})")
+
+
+def _finish(cfg: TrainConfig, model, tokenizer, run: dict, output: Path, world: int) -> dict:
+    """Score the trained model, save the adapter; returns the metrics (main process only)."""
+    from lora_lab.adapters import save_adapter
+    from lora_lab.evaluate import task_accuracy
+    from lora_lab.train import final_loss
+
+    accuracy = None
+    if cfg.eval_limit != 0:
+        accuracy = task_accuracy(model, tokenizer, cfg.task, split=cfg.eval_split, limit=cfg.eval_limit)
+    losses = run["losses"]
+    steps_kept = [s for s in range(1, cfg.steps + 1) if s % cfg.log_every == 0 or s == 1 or s == cfg.steps]
+    output.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, output, _lora_config(cfg))
+    return {
+        "config": dataclasses.asdict(cfg),
+        "num_processes": world,
+        "loss_steps": steps_kept,
+        "losses": [round(losses[s - 1], 5) for s in steps_kept],
+        "final_loss": round(final_loss(losses), 5),
+        "accuracy": accuracy,
+        "seconds": round(run["seconds"], 2),
+    }
 
 
 # ---------------------------------------------------------------------------- command line

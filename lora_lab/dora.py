@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from lora_lab.inject import _set_submodule, add_lora, lora_layers
+from lora_lab.inject import add_lora, lora_layers
 from lora_lab.layers import LoRALinear
 
 __all__ = ["DoRALinear", "convert_to_dora", "add_dora", "save_dora_adapter", "load_dora_adapter"]
@@ -79,14 +79,13 @@ class DoRALinear(LoRALinear):
             dora.lora_magnitude_vector.data = dora._weight_norm().float()
         dora.lora_A.weight.requires_grad_(layer.lora_A.weight.requires_grad)
         dora.lora_B.weight.requires_grad_(layer.lora_B.weight.requires_grad)
-        dora.disabled = layer.disabled
         return dora
 
     # ------------------------------------------------------------------ pieces
 
     def _weight_out_in(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight as [out, in] (Conv1D stores [in, out])."""
-        weight = self._mergeable_weight()
+        weight = self.mergeable_weight()
         weight = weight.T if self.fan_in_fan_out else weight
         return weight if dtype is None else weight.to(dtype)
 
@@ -103,8 +102,6 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """base(x) + (k - 1) * (W x) + k * s * B(A(dropout(x))), k = m / ||W + s B A|| (norm detached)."""
-        if self.disabled and self.merged:
-            self.unmerge()
         result = self.base_layer(x, *args, **kwargs)  # [..., out]
         if self.disabled or self.merged:
             return result
@@ -133,7 +130,7 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """m (W + dW) / ||W + dW|| as a new tensor; remembers the norm for unmerge."""
-        weight = self._mergeable_weight()
+        weight = self.mergeable_weight()
         combined = weight + self.delta_weight().to(weight.dtype)  # stored layout
         norm = torch.linalg.norm(combined.T if self.fan_in_fan_out else combined, dim=1)  # [out]
         self._merge_weight_norm = norm
@@ -144,7 +141,7 @@ class DoRALinear(LoRALinear):
         """W <- m (W + s B A) / ||W + s B A||; safe=True refuses (W untouched) if that has NaN/inf."""
         if self.merged:
             raise ValueError("this DoRA layer is already merged; call unmerge() first")
-        weight = self._mergeable_weight()
+        weight = self.mergeable_weight()
         new_weight = self.merged_weight()
         if safe and not torch.isfinite(new_weight).all():
             raise ValueError("merging would put NaN/inf values into the base weight, so nothing was changed")
@@ -156,7 +153,7 @@ class DoRALinear(LoRALinear):
         """W <- W' / (m / norm) - s B A, with the norm remembered at merge time."""
         if not self.merged or self._merge_weight_norm is None:
             raise ValueError("this DoRA layer is not merged, so there is nothing to unmerge")
-        weight = self._mergeable_weight()
+        weight = self.mergeable_weight()
         weight.data = (weight / self._factor(self._merge_weight_norm) - self.delta_weight()).to(weight.dtype)
         self._merge_weight_norm = None
         self.merged = False
@@ -176,7 +173,7 @@ def convert_to_dora(model: nn.Module) -> nn.Module:
             raise ValueError(f"{name} is merged; unmerge_adapters(model) before converting to DoRA")
     for name, layer in layers:
         if not isinstance(layer, DoRALinear):
-            _set_submodule(model, name, DoRALinear.from_lora(layer))
+            model.set_submodule(name, DoRALinear.from_lora(layer))
     return model
 
 
@@ -196,7 +193,7 @@ def save_dora_adapter(
 
     `peft.PeftModel.from_pretrained` loads the folder (vLLM does not serve DoRA: merge first).
     """
-    from lora_lab.adapters import PEFT_PREFIX, _adapter_files, _save_target, _write_adapter_folder
+    from lora_lab.adapters import PEFT_PREFIX, save_adapter
 
     layers = list(lora_layers(model))
     plain = [n for n, layer in layers if not isinstance(layer, DoRALinear)]
@@ -205,14 +202,16 @@ def save_dora_adapter(
             f"save_dora_adapter needs a model whose LoRA layers are all DoRALinear (add_dora); "
             f"{plain[0] if plain else 'no LoRA layer'} is not. Use adapters.save_adapter for plain LoRA."
         )
-    folder = _save_target(path)
-    tensors, content = _adapter_files(model, None, base_model_name_or_path)
-    for name, layer in layers:
-        tensors[f"{PEFT_PREFIX}{name}{MAGNITUDE_SUFFIX}"] = (
-            layer.lora_magnitude_vector.detach().cpu().contiguous()
-        )
-    content["use_dora"] = True
-    return _write_adapter_folder(folder, tensors, content)  # one unit, as save_adapter
+
+    def magnitudes(_model) -> dict:
+        return {
+            f"{PEFT_PREFIX}{name}{MAGNITUDE_SUFFIX}": layer.lora_magnitude_vector.detach().cpu().contiguous()
+            for name, layer in layers
+        }
+
+    # one file, written once and atomically (no second write of what save_adapter wrote)
+    return save_adapter(model, path, None, base_model_name_or_path, extra_tensors=magnitudes,
+                        extra_config={"use_dora": True})  # fmt: skip
 
 
 def load_dora_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> nn.Module:
@@ -220,7 +219,7 @@ def load_dora_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: b
 
     Everything is checked (config, every tensor name and shape) before the model is touched.
     """
-    from lora_lab.adapters import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, _plan, config_from_dict
+    from lora_lab.adapters import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, config_from_dict, plan_load
     from lora_lab.inject import has_lora
 
     folder = Path(path)
@@ -238,7 +237,7 @@ def load_dora_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: b
         for k, v in tensors.items()
         if k.endswith(MAGNITUDE_SUFFIX)
     }
-    plan = _plan(
+    plan = plan_load(
         model, config, {k: v for k, v in tensors.items() if not k.endswith(MAGNITUDE_SUFFIX)}, str(folder)
     )
     for name, parts in plan.items():

@@ -26,19 +26,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from lora_lab.layers import LoRALinear, _check_hyperparameters, base_in_out_features, is_conv1d
+from lora_lab.layers import LoRALinear, base_in_out_features, check_hyperparameters, is_conv1d
 
 __all__ = [
     "LoRAConfig",
+    "output_head_name",
     "add_lora",
     "remove_lora",
     "mark_only_lora_as_trainable",
     "lora_layers",
     "has_lora",
+    "disable_adapter",
     "linear_module_names",
     "resolve_target_modules",
     "count_parameters",
@@ -72,7 +75,7 @@ class LoRAConfig:
 
     def validate(self) -> None:
         """Raise ValueError/TypeError for settings that cannot work (called again by add_lora)."""
-        _check_hyperparameters(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
+        check_hyperparameters(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -138,7 +141,7 @@ def _check_pattern(key: str, pattern, config: LoRAConfig) -> None:
             raise ValueError(f"{key} key {pat!r} is not a valid regular expression: {err}") from None
         r, alpha = (value, config.lora_alpha) if key == "rank_pattern" else (config.r, value)
         try:
-            _check_hyperparameters(r, alpha, config.lora_dropout, config.init_lora_weights)
+            check_hyperparameters(r, alpha, config.lora_dropout, config.init_lora_weights)
         except ValueError as err:
             raise ValueError(f"{key}[{pat!r}]: {err}") from None
 
@@ -167,7 +170,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     ]
 
 
-def _output_head_name(model: nn.Module) -> str | None:
+def output_head_name(model: nn.Module) -> str | None:
     """Name of the output head (lm_head) that "all-linear" leaves out, as PEFT does."""
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
@@ -190,7 +193,7 @@ def resolve_target_modules(model: nn.Module, target_modules: list[str] | str) ->
     """
     candidates = linear_module_names(model)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        head = _output_head_name(model)
+        head = output_head_name(model)
         names = [n for n in candidates if n != head]
     else:
         lora_names = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -226,13 +229,17 @@ def has_lora(model: nn.Module) -> bool:
     return any(True for _ in lora_layers(model))
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 # ---------------------------------------------------------------------------- add / remove
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoRA layer of `model` is its base layer alone: the base model, as
+    PEFT's `with model.disable_adapter():` gives it. Merged layers are unmerged for the block."""
+    with ExitStack() as stack:
+        for _, layer in lora_layers(model):
+            stack.enter_context(layer.disable_adapter())
+        yield model
 
 
 def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -264,7 +271,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             init_lora_weights=config.init_lora_weights,
         )
     for name, layer in new_layers.items():
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     model.lora_config = config
     mark_only_lora_as_trainable(model)
     return model
@@ -292,11 +299,11 @@ def remove_lora(model: nn.Module) -> nn.Module:
         raise ValueError("this model has no LoRA layers to remove")
     for _, layer in layers:
         if layer.merged:
-            layer._mergeable_weight()  # fail before changing anything if one cannot be unmerged
+            layer.mergeable_weight()  # fail before changing anything if one cannot be unmerged
     for name, layer in layers:
         if layer.merged:
             layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
+        model.set_submodule(name, layer.base_layer)
     if "lora_config" in model.__dict__:
         del model.lora_config
     return model

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.inject import _set_submodule, lora_layers
+from lora_lab.inject import lora_layers
 from lora_lab.layers import LoRALinear
 
 __all__ = ["merge_adapters", "unmerge_adapters", "merge_and_unload"]
@@ -38,7 +38,7 @@ def _layers_or_error(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def _merge_all(layers: list[tuple[str, LoRALinear]], safe: bool) -> None:
     """Merge each layer; with safe=True compute and check every W + dW before assigning any."""
     for _, layer in layers:
-        layer._mergeable_weight()  # TypeError for a quantized base, before anything changes
+        layer.mergeable_weight()  # TypeError for a quantized base, before anything changes
     if not safe:
         for _, layer in layers:
             layer.merge(safe=False)
@@ -53,7 +53,7 @@ def _merge_all(layers: list[tuple[str, LoRALinear]], safe: bool) -> None:
             )
         new_weights[name] = new_weight
     for name, layer in layers:
-        layer._mergeable_weight().data = new_weights[name]
+        layer.mergeable_weight().data = new_weights[name]
         layer.merged = True
 
 
@@ -95,7 +95,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     layers = _layers_or_error(model)
     _merge_all([(n, layer) for n, layer in layers if not layer.merged], safe)
     for name, layer in layers:
-        _set_submodule(model, name, layer.base_layer)
+        model.set_submodule(name, layer.base_layer)
     if "lora_config" in model.__dict__:
         del model.lora_config
     return model

@@ -27,6 +27,7 @@ __all__ = [
     "load_base",
     "check_base",
     "resolve_base_name",
+    "is_bundled",
     "count_parameters",
     "TINY_BASE_DIR",
     "BASE_MODEL_ENV",
@@ -40,6 +41,15 @@ def resolve_base_name(name: str | os.PathLike | None = None) -> str:
     if name is None:
         name = os.environ.get(BASE_MODEL_ENV) or str(TINY_BASE_DIR)
     return str(name)
+
+
+def is_bundled(name: str | os.PathLike | None = None) -> bool:
+    """True when `name` (or `$LORA_LAB_BASE_MODEL`) resolves to the bundled tiny model.
+
+    Chapters teach on any causal LM; the few asserts about this one model's sizes and cached results
+    run only when it is the one loaded.
+    """
+    return Path(resolve_base_name(name)).resolve() == TINY_BASE_DIR.resolve()
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:

@@ -626,8 +626,7 @@ def quantize_model(
         for name in chosen
     }
     for name, layer in new_layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        model.set_submodule(name, layer)
     return model
 
 
@@ -830,6 +829,5 @@ def merge_quantized_model(model: nn.Module, how: str | None = None) -> nn.Module
         return model
     merged = {name: merge_quantized(m, how) for name, m in layers.items()}
     for name, new in merged.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        model.set_submodule(name, new)
     return model

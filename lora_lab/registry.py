@@ -41,6 +41,8 @@ References:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,14 +50,14 @@ import torch
 from torch import nn
 
 from lora_lab.adapters import (
-    _check_file_rank,
+    check_file_rank,
     check_lora_tensor,
     config_from_dict,
     read_adapter,
     split_peft_key,
 )
 from lora_lab.layers import LoRALinear, base_in_out_features, is_conv1d, lora_scaling
-from lora_lab.serving import MultiLoRALinear
+from lora_lab.serving import AdapterStacks, MultiLoRALinear, stack_adapters
 
 __all__ = ["AdapterRegistry", "HostAdapter", "group_by_layer"]
 
@@ -241,7 +243,7 @@ class AdapterRegistry:
         for layer_name in adapter.weights:
             module = self.model.get_submodule(layer_name)
             if not isinstance(module, MultiLoRALinear):
-                _set_submodule(self.model, layer_name, MultiLoRALinear(module))
+                self.model.set_submodule(layer_name, MultiLoRALinear(module))
         self._host[name] = adapter
         self._apply_active()  # a newly wrapped layer must follow the active adapter too
         return adapter
@@ -289,7 +291,7 @@ class AdapterRegistry:
                 f"adapter {name!r} patches {layer_name!r}, a {type(module).__name__}, not a linear layer; "
                 "the adapter was trained for another base model"
             ) from None
-        _check_file_rank(pair, layer_name, r, where)
+        check_file_rank(pair, layer_name, r, where)
         weight_A, weight_B = pair["lora_A"], pair["lora_B"]  # [r, in], [out, r]
         if weight_A.shape != (r, in_features) or weight_B.shape != (out_features, r):
             raise ValueError(
@@ -320,7 +322,7 @@ class AdapterRegistry:
         still_used = {layer for a in self._host.values() for layer in a.weights}
         for layer_name in self.layer_names():
             if layer_name not in still_used:
-                _set_submodule(self.model, layer_name, self.model.get_submodule(layer_name).base_layer)
+                self.model.set_submodule(layer_name, self.model.get_submodule(layer_name).base_layer)
         self._apply_active()
 
     # ------------------------------------------------------------------ the device cache (LRU)
@@ -404,6 +406,30 @@ class AdapterRegistry:
             else:
                 layer.clear()  # this adapter does not patch this layer
 
+    @contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str | None]) -> Iterator[AdapterStacks]:
+        """Within the block, row i of every forward pass uses adapter `adapter_names[i]` (None: base).
+
+        The adapter set by `set_adapter` (if any) is restored on exit. Inside the block the registry
+        refuses changes (load, delete, set_adapter, disable, merge, unmerge, another mixed batch)
+        with a RuntimeError: they would silently switch the batch's rows to other weights.
+        """
+        self._check_not_merged("running a mixed batch")
+        self._check_no_mixed_batch("start a mixed batch")  # nested blocks would undo each other
+        stacks = stack_adapters(self, adapter_names)
+        ids = stacks.ids(adapter_names, device=self.device)  # [batch]
+        self.open_mixed_batches += 1  # load / delete / set_adapter / merge are refused until the end
+        try:
+            for layer_name, module in self._wrapped():
+                if layer_name in stacks.layers:
+                    module.set_stacked(*stacks.layers[layer_name], ids)
+                else:
+                    module.clear()  # no adapter of this batch patches this layer
+            yield stacks
+        finally:
+            self.open_mixed_batches -= 1
+            self._apply_active()
+
     def _wrapped(self) -> list[tuple[str, MultiLoRALinear]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, MultiLoRALinear)]
 
@@ -463,9 +489,3 @@ class AdapterRegistry:
         if is_conv1d(self.model.get_submodule(layer_name).base_layer):
             delta = delta.T  # Conv1D stores its weight [in, out]
         return delta.to(weight.device, weight.dtype)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -35,9 +35,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +43,6 @@ from torch import nn
 
 from lora_lab.layers import base_in_out_features
 from lora_lab.models import check_generation_length
-
-if TYPE_CHECKING:  # only for type hints: registry imports this module
-    from lora_lab.registry import AdapterRegistry
 
 __all__ = [
     "MultiLoRALinear",
@@ -168,7 +163,7 @@ class AdapterStacks:
         return sum(t.numel() * t.element_size() for triple in self.layers.values() for t in triple)
 
 
-def _check_names(registry: AdapterRegistry, adapter_names: Sequence[str | None]) -> list[str]:
+def _check_names(registry, adapter_names: Sequence[str | None]) -> list[str]:
     """Validate a per-row list of adapter names; return the distinct adapters it uses."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not len(adapter_names):
         raise TypeError(
@@ -181,7 +176,7 @@ def _check_names(registry: AdapterRegistry, adapter_names: Sequence[str | None])
     return unique
 
 
-def stack_adapters(registry: AdapterRegistry, adapter_names: Sequence[str | None]) -> AdapterStacks:
+def stack_adapters(registry, adapter_names: Sequence[str | None]) -> AdapterStacks:
     """Build the stacks for the adapters a batch uses (fetching them to the device, LRU).
 
     Raises ValueError if the batch uses more different adapters than fit on the device at once.
@@ -221,31 +216,13 @@ def stack_adapters(registry: AdapterRegistry, adapter_names: Sequence[str | None
     return AdapterStacks(slots, layers)
 
 
-@contextmanager
-def mixed_batch(registry: AdapterRegistry, adapter_names: Sequence[str | None]) -> Iterator[AdapterStacks]:
+def mixed_batch(registry, adapter_names: Sequence[str | None]):
     """Within the block, row i of every forward pass uses adapter `adapter_names[i]` (None: base).
 
-    The adapter set by `registry.set_adapter` (if any) is restored on exit. Inside the block the
-    registry refuses changes (load, delete, set_adapter, disable, merge, unmerge, another mixed
-    batch) with a RuntimeError: they would silently switch the batch's rows to other weights.
+    `registry.mixed_batch(adapter_names)`, as a function beside `forward` and `generate`: the
+    registry owns its state (merged adapter, open blocks, active adapter) and restores it on exit.
     """
-    registry._check_not_merged("running a mixed batch")
-    registry._check_no_mixed_batch("start a mixed batch")  # nested blocks would undo each other
-    stacks = stack_adapters(registry, adapter_names)
-    ids = stacks.ids(adapter_names, device=registry.device)  # [batch]
-    registry.open_mixed_batches += 1  # load / delete / set_adapter / merge are refused until the end
-    try:
-        for layer_name, module in registry.model.named_modules():
-            if not isinstance(module, MultiLoRALinear):
-                continue
-            if layer_name in stacks.layers:
-                module.set_stacked(*stacks.layers[layer_name], ids)
-            else:
-                module.clear()  # no adapter of this batch patches this layer
-        yield stacks
-    finally:
-        registry.open_mixed_batches -= 1
-        registry._apply_active()
+    return registry.mixed_batch(adapter_names)
 
 
 def _check_rows(input_ids: torch.Tensor, adapter_names: Sequence[str | None]) -> None:
@@ -258,7 +235,7 @@ def _check_rows(input_ids: torch.Tensor, adapter_names: Sequence[str | None]) ->
 
 @torch.no_grad()
 def forward(
-    registry: AdapterRegistry,
+    registry,
     input_ids: torch.Tensor,
     adapter_names: Sequence[str | None],
     attention_mask: torch.Tensor | None = None,
@@ -272,7 +249,7 @@ def forward(
 
 @torch.no_grad()
 def generate(
-    registry: AdapterRegistry,
+    registry,
     input_ids: torch.Tensor,
     adapter_names: Sequence[str | None],
     attention_mask: torch.Tensor | None = None,
@@ -307,7 +284,7 @@ def generate(
 
 
 def generate_text(
-    registry: AdapterRegistry,
+    registry,
     tokenizer,
     prompts: Sequence[str],
     adapter_names: Sequence[str | None],

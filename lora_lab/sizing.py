@@ -118,10 +118,10 @@ def quantizable_params(name: str) -> int:
     Embeddings, norms, biases and lm_head stay in the compute dtype (transformers' bitsandbytes
     integration skips the output head).
     """
-    from lora_lab.inject import _output_head_name
+    from lora_lab.inject import output_head_name
 
     model = meta_model(name)
-    head = _output_head_name(model)
+    head = output_head_name(model)
     total = 0
     for module_name, module in model.named_modules():
         if module_name != head and isinstance(module, nn.Linear):

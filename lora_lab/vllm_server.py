@@ -225,19 +225,8 @@ def start(
         env: extra environment variables (on top of DEFAULT_ENV).
         log_path: where the server's output goes (default: a temporary file).
     """
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_path} is not a model folder (no config.json); pass a local model path"
-        )
-    lora_modules = dict(lora_modules or {})
-    for name, path in lora_modules.items():
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"LoRA module {name!r}: {path} has no adapter_config.json")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
-    if port is not None:
-        _check_port_free(port)
+    model_path, lora_modules = Path(model_path), dict(lora_modules or {})
+    _check_start(model_path, lora_modules, timeout, port)
     port = port or free_port()
     base_name = served_model_name or str(model_path)
     max_loras = max_loras or max(1, len(lora_modules) + 1)
@@ -263,10 +252,39 @@ def start(
         ]
     command += list(extra_args)
 
+    process, log_path = _launch(command, log_path, env)
+    server = VLLMServer(process, f"http://127.0.0.1:{port}", base_name, log_path, command)
+    began = time.monotonic()
+    try:
+        _wait_ready(server, timeout)
+    except BaseException:
+        server.stop(timeout=10)
+        raise
+    server.startup_s = time.monotonic() - began
+    return server
+
+
+def _check_start(model_path: Path, lora_modules: dict, timeout: float, port: int | None) -> None:
+    """FileNotFoundError / ValueError / OSError before anything starts, saying what to pass."""
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_path} is not a model folder (no config.json); pass a local model path"
+        )
+    for name, path in lora_modules.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"LoRA module {name!r}: {path} has no adapter_config.json")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    if port is not None:
+        _check_port_free(port)
+
+
+def _launch(command: list[str], log_path, env) -> tuple[subprocess.Popen, Path]:
+    """Start the server process, its output going to `log_path` (default: a temporary file)."""
     if log_path is None:
         handle, log_name = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
         os.close(handle)
-        log_path = Path(log_name)
+        log_path = log_name
     log_path = Path(log_path)
     full_env = os.environ.copy() | DEFAULT_ENV | dict(env or {})
     with open(log_path, "wb") as log:
@@ -278,15 +296,7 @@ def start(
             env=full_env,
             start_new_session=True,  # own process group: stop() ends the engine workers too
         )
-    server = VLLMServer(process, f"http://127.0.0.1:{port}", base_name, log_path, command)
-    began = time.monotonic()
-    try:
-        _wait_ready(server, timeout)
-    except BaseException:
-        server.stop(timeout=10)
-        raise
-    server.startup_s = time.monotonic() - began
-    return server
+    return process, log_path
 
 
 def _check_port_free(port) -> None:

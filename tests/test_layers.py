@@ -135,19 +135,23 @@ def test_dropout_only_on_the_lora_branch():
     assert isinstance(LoRALinear(_linear(), r=4, lora_alpha=8).lora_dropout, nn.Identity)
 
 
-def test_disabled_gives_base_output_and_unmerges():
+def test_disable_adapter_gives_base_output_and_restores_the_merge():
     layer = LoRALinear(_linear(), r=4, lora_alpha=8, init_lora_weights=False)
     x = torch.randn(4, 16)
     base_out = layer.base_layer(x).clone()
     patched = layer(x)
     assert not torch.allclose(patched, base_out)
-    layer.disabled = True
-    torch.testing.assert_close(layer(x), base_out)
-    layer.disabled = False
+    with layer.disable_adapter():
+        assert layer.disabled
+        torch.testing.assert_close(layer(x), base_out)
+    assert not layer.disabled
+    torch.testing.assert_close(layer(x), patched)
     layer.merge()
-    layer.disabled = True
-    torch.testing.assert_close(layer(x), base_out, rtol=0, atol=1e-6)
-    assert not layer.merged
+    with layer.disable_adapter():  # a merged patch is taken out for the block, and put back after
+        assert not layer.merged
+        torch.testing.assert_close(layer(x), base_out, rtol=0, atol=1e-6)
+    assert layer.merged
+    torch.testing.assert_close(layer(x), patched, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("conv1d", [False, True])

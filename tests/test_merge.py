@@ -152,7 +152,10 @@ def test_merge_equals_the_unmerged_patch_and_unmerge_restores_the_weights(config
     with torch.no_grad():
         unmerged = model(ids).logits
         merge_adapters(model)
-        torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+        # Merging changes only float rounding (~1e-7 per weight), but a random adapter can shrink the
+        # residual stream so that RMSNorm amplifies it: r=1, alpha=8, rsLoRA on v/o/gate (seed 0) gives
+        # 1.8e-05 after layer 0's attention and 2.3e-04 in the logits. Hence 1e-3 here.
+        torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-3, rtol=1e-3)
         unmerge_adapters(model)
     now = model.state_dict()
     assert all(torch.allclose(now[k], v, rtol=0, atol=1e-5) for k, v in before.items())

@@ -66,3 +66,13 @@ def test_offline_hub_id_fails_fast_and_names_the_default(monkeypatch, offline_en
 def test_bad_model_names_are_refused_before_loading(tmp_path, make, error, match):
     with pytest.raises(error, match=match):
         models.load_base(make(tmp_path))
+
+
+def test_is_bundled_follows_the_name_and_the_environment(monkeypatch, tmp_path):
+    from lora_lab.models import BASE_MODEL_ENV, TINY_BASE_DIR, is_bundled
+
+    monkeypatch.delenv(BASE_MODEL_ENV, raising=False)
+    assert is_bundled() and is_bundled(TINY_BASE_DIR) and is_bundled(str(TINY_BASE_DIR) + "/")
+    assert not is_bundled(tmp_path) and not is_bundled("HuggingFaceTB/SmolLM2-135M")
+    monkeypatch.setenv(BASE_MODEL_ENV, str(tmp_path))
+    assert not is_bundled() and is_bundled(TINY_BASE_DIR)

@@ -4,7 +4,7 @@ import json
 
 from conftest import load_benchmark
 
-from lora_lab import data, pretrain
+from lora_lab import data, model_card, pretrain
 from lora_lab.paths import TINY_BASE_DIR
 
 
@@ -69,15 +69,15 @@ def test_shape_verdict_separates_shared_misses_from_lora_only_misses():
 
     metrics = {"finetune": [run("lora", {"join": [9, 15], "num": [72, 90], "agg": [26, 26]}),
                             run("full", {"join": [9, 15], "num": [90, 90], "agg": [26, 26]})]}  # fmt: skip
-    text = pretrain._shape_verdict(metrics)
+    text = model_card.shape_verdict(metrics)
     assert "Both fine-tunes miss some `join` requests" in text
     assert "Only LoRA misses `num` requests" in text
     assert "agg" not in text
-    assert pretrain._shape_verdict({"finetune": metrics["finetune"][:1]}) == ""
+    assert model_card.shape_verdict({"finetune": metrics["finetune"][:1]}) == ""
 
 
 def test_lr_schedule_warms_up_then_decays():
-    lrs = [pretrain._lr_at(s, 1000, 1.0, 100) for s in range(1000)]
+    lrs = [pretrain.lr_at(s, 1000, 1.0, 100) for s in range(1000)]
     assert lrs[0] < lrs[50] < lrs[99] == 1.0
     assert lrs[-1] < 0.11 and min(lrs[100:]) >= 0.1 - 1e-9
 
@@ -86,14 +86,14 @@ def test_card_lora_rates_are_the_ones_chosen_on_validation():
     """Each task's LoRA rate comes from benchmarks/card_lora_lr.py's validation sweep, not from test."""
     sweep = load_benchmark("card_lora_lr")
     res = json.loads(sweep.RESULTS.read_text())
-    assert res["split"] == "validation" and set(res["tasks"]) == set(data.TASKS) == set(pretrain.LORA_LRS)
+    assert res["split"] == "validation" and set(res["tasks"]) == set(data.TASKS) == set(model_card.LORA_LRS)
     for task, entry in res["tasks"].items():
         assert all(r["task"] == task and "test_accuracy" not in r for r in entry["runs"])
-        assert sweep.choose(entry["runs"])[0] == entry["chosen_lr"] == pretrain.LORA_LRS[task], task
+        assert sweep.choose(entry["runs"])[0] == entry["chosen_lr"] == model_card.LORA_LRS[task], task
     card_runs = json.loads((TINY_BASE_DIR / "metrics.json").read_text())["finetune"]
     for r in card_runs:
         if r["method"] == "lora":
-            assert r["lr"] == pretrain.LORA_LRS[r["task"]], r["task"]
+            assert r["lr"] == model_card.LORA_LRS[r["task"]], r["task"]
 
 
 def test_choose_takes_the_best_mean_and_breaks_ties_towards_the_smaller_rate():

@@ -7,27 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TARGETS, assert_inference_like_peft, build_tiny, save_peft_adapter, tiny_inputs
+from conftest import assert_inference_like_peft, build_tiny, save_peft_adapter, tiny_inputs
 from peft import PeftModel
 
 from lora_lab.registry import AdapterRegistry
 from lora_lab.serving import MultiLoRALinear
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
-    """Four PEFT adapters for the tiny Llama: different seeds, ranks, alphas, targets, one rsLoRA."""
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        "a": save_peft_adapter(root / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=1),
-        "b": save_peft_adapter(root / "b", r=8, lora_alpha=16, target_modules=TARGETS["llama"], seed=2),
-        "c": save_peft_adapter(root / "c", r=2, lora_alpha=4, target_modules=["k_proj", "down_proj"], seed=3),
-        "rs": save_peft_adapter(
-            root / "rs", r=8, lora_alpha=8, target_modules=["o_proj", "up_proj"], seed=4, use_rslora=True
-        ),
-    }
 
 
 def _peft(adapter_dirs, names):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TARGETS, build_tiny, save_peft_adapter
+from conftest import build_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
@@ -20,29 +20,17 @@ ATOL = 1e-5
 NAMES = ["a", "b", None, "c", "b", "a"]  # one adapter name per row; None = base model
 
 
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving_adapters")
-    return {
-        "a": save_peft_adapter(root / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=11),
-        "b": save_peft_adapter(root / "b", r=8, lora_alpha=16, target_modules=TARGETS["llama"], seed=12),
-        "c": save_peft_adapter(
-            root / "c", r=2, lora_alpha=2, target_modules=["o_proj", "gate_proj"], seed=13
-        ),
-    }
-
-
-def _registry(adapter_dirs, **kwargs):
+def _registry(serving_adapter_dirs, **kwargs):
     registry = AdapterRegistry(build_tiny("llama"), **kwargs)
-    for name, path in adapter_dirs.items():
+    for name, path in serving_adapter_dirs.items():
         registry.load(name, path)
     return registry
 
 
-def _peft(adapter_dirs):
-    model = PeftModel.from_pretrained(build_tiny("llama"), adapter_dirs["a"], adapter_name="a")
+def _peft(serving_adapter_dirs):
+    model = PeftModel.from_pretrained(build_tiny("llama"), serving_adapter_dirs["a"], adapter_name="a")
     for name in ("b", "c"):
-        model.load_adapter(adapter_dirs[name], adapter_name=name)
+        model.load_adapter(serving_adapter_dirs[name], adapter_name=name)
     return model.eval()
 
 
@@ -70,8 +58,8 @@ def _alone_logits(registry, name, row):
         return registry.model(input_ids=row[None]).logits[0]
 
 
-def test_mixed_batch_logits_equal_each_request_alone(adapter_dirs):
-    registry = _registry(adapter_dirs)
+def test_mixed_batch_logits_equal_each_request_alone(serving_adapter_dirs):
+    registry = _registry(serving_adapter_dirs)
     rows, input_ids, mask = _prompts()
     mixed = serving.forward(registry, input_ids, NAMES, attention_mask=mask)  # [batch, seq, vocab]
     assert mixed.shape == (len(NAMES), input_ids.shape[1], 128)
@@ -84,9 +72,9 @@ def test_mixed_batch_logits_equal_each_request_alone(adapter_dirs):
     assert min((out[i] - out[j]).abs().max() for i in range(4) for j in range(i)) > 1e-3
 
 
-def test_mixed_batch_logits_equal_peft_adapter_names(adapter_dirs):
-    registry = _registry(adapter_dirs)
-    peft_model = _peft(adapter_dirs)
+def test_mixed_batch_logits_equal_peft_adapter_names(serving_adapter_dirs):
+    registry = _registry(serving_adapter_dirs)
+    peft_model = _peft(serving_adapter_dirs)
     _, input_ids, mask = _prompts()
     ours = serving.forward(registry, input_ids, NAMES, attention_mask=mask)
     peft_names = [n or "__base__" for n in NAMES]
@@ -96,8 +84,8 @@ def test_mixed_batch_logits_equal_peft_adapter_names(adapter_dirs):
     torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=0)
 
 
-def test_mixed_generation_is_token_identical_to_alone_and_to_peft(adapter_dirs):
-    registry = _registry(adapter_dirs)
+def test_mixed_generation_is_token_identical_to_alone_and_to_peft(serving_adapter_dirs):
+    registry = _registry(serving_adapter_dirs)
     rows, input_ids, mask = _prompts()
     new = serving.generate(registry, input_ids, NAMES, attention_mask=mask, max_new_tokens=10)
     assert new.shape == (len(NAMES), 10)
@@ -109,7 +97,7 @@ def test_mixed_generation_is_token_identical_to_alone_and_to_peft(adapter_dirs):
                 registry.set_adapter(name)
             alone = registry.model.generate(row[None], do_sample=False, max_new_tokens=10, pad_token_id=0)
         assert new[i].tolist() == alone[0, len(row) :].tolist(), f"row {i} ({name})"
-    peft_model = _peft(adapter_dirs)
+    peft_model = _peft(serving_adapter_dirs)
     with torch.no_grad():
         theirs = peft_model.generate(
             input_ids=input_ids,
@@ -122,8 +110,8 @@ def test_mixed_generation_is_token_identical_to_alone_and_to_peft(adapter_dirs):
     assert new.tolist() == theirs[:, input_ids.shape[1] :].tolist()
 
 
-def test_active_adapter_is_restored_after_a_mixed_batch(adapter_dirs):
-    registry = _registry(adapter_dirs)
+def test_active_adapter_is_restored_after_a_mixed_batch(serving_adapter_dirs):
+    registry = _registry(serving_adapter_dirs)
     _, input_ids, mask = _prompts()
     registry.set_adapter("c")
     with torch.no_grad():
@@ -135,11 +123,11 @@ def test_active_adapter_is_restored_after_a_mixed_batch(adapter_dirs):
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
-def test_eviction_between_batches_keeps_outputs_correct(adapter_dirs):
-    registry = _registry(adapter_dirs)
+def test_eviction_between_batches_keeps_outputs_correct(serving_adapter_dirs):
+    registry = _registry(serving_adapter_dirs)
     sizes = {n: registry.adapter(n).nbytes for n in registry.names()}
     registry.max_device_bytes = sizes["b"] + max(sizes["a"], sizes["c"])  # any two, never all three
-    peft_model = _peft(adapter_dirs)
+    peft_model = _peft(serving_adapter_dirs)
     _, input_ids, mask = _prompts(n=4)
     batches = [["a", "b", "a", None], ["c", "b", None, "b"], ["a", "c", "c", "a"], ["b", None, "a", "b"]]
     for names in batches:
@@ -153,8 +141,8 @@ def test_eviction_between_batches_keeps_outputs_correct(adapter_dirs):
     assert registry.evictions >= 3 and registry.misses >= 5
 
 
-def test_batch_with_more_adapters_than_the_device_holds(adapter_dirs):
-    registry = _registry(adapter_dirs)
+def test_batch_with_more_adapters_than_the_device_holds(serving_adapter_dirs):
+    registry = _registry(serving_adapter_dirs)
     registry.set_adapter("a")
     registry.max_device_bytes = registry.adapter("b").nbytes + registry.adapter("a").nbytes
     _, input_ids, mask = _prompts(n=3)
@@ -163,8 +151,8 @@ def test_batch_with_more_adapters_than_the_device_holds(adapter_dirs):
     assert registry.active_adapter == "a"
 
 
-def test_bad_batches_are_refused(adapter_dirs):
-    registry = _registry(adapter_dirs)
+def test_bad_batches_are_refused(serving_adapter_dirs):
+    registry = _registry(serving_adapter_dirs)
     _, input_ids, mask = _prompts(n=3)
     with pytest.raises(ValueError, match=r"unknown adapter 'zzz'.*'a', 'b', 'c'"):
         serving.forward(registry, input_ids, ["a", "zzz", None], attention_mask=mask)
@@ -212,9 +200,9 @@ def test_bundled_model_mixed_generation(tmp_path):
 
 
 def test_mixed_batch_with_rank_and_alpha_patterns_equals_each_request_alone(
-    adapter_dirs, pattern_adapter_dir
+    serving_adapter_dirs, pattern_adapter_dir
 ):
-    registry = _registry(adapter_dirs)
+    registry = _registry(serving_adapter_dirs)
     registry.load("p", pattern_adapter_dir)
     names = ["p", "a", None, "p", "c"]
     rows, input_ids, mask = _prompts(n=len(names))
@@ -233,8 +221,8 @@ def test_mixed_batch_with_rank_and_alpha_patterns_equals_each_request_alone(
     ],
     ids=["longer_than_positions", "max_new_tokens_true", "max_new_tokens_0"],
 )
-def test_generation_that_cannot_fit_is_refused(adapter_dirs, width, max_new_tokens, match):
-    registry = _registry(adapter_dirs)
+def test_generation_that_cannot_fit_is_refused(serving_adapter_dirs, width, max_new_tokens, match):
+    registry = _registry(serving_adapter_dirs)
     ids = torch.randint(3, 128, (3, width), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=match):
         serving.generate(registry, ids, ["a", None, "b"], max_new_tokens=max_new_tokens)
@@ -245,9 +233,9 @@ def test_generation_that_cannot_fit_is_refused(adapter_dirs, width, max_new_toke
 @given(
     names=st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=5), seed=st.integers(0, 100)
 )
-def test_any_mixed_batch_equals_its_requests_one_by_one(adapter_dirs, names, seed):
+def test_any_mixed_batch_equals_its_requests_one_by_one(serving_adapter_dirs, names, seed):
     """Property: whatever adapter each row asks for, a mixed batch gives every row the logits it gets alone."""
-    registry = _registry(adapter_dirs)
+    registry = _registry(serving_adapter_dirs)
     rows, input_ids, mask = _prompts(n=len(names), seed=seed)
     mixed = serving.forward(registry, input_ids, names, attention_mask=mask)
     for i, (name, row) in enumerate(zip(names, rows)):

@@ -95,14 +95,48 @@ def test_no_trainable_parameters_is_an_error(base):
             p.requires_grad = True
 
 
-def test_python_m_lora_lab_train_is_the_cli_train_command(capsys):
-    from lora_lab.train import main
+def test_python_m_lora_lab_train_is_the_cli_train_command():
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    assert "--config" in capsys.readouterr().out
-    assert main(["--config", "no/such/config.yaml"]) == 2
-    assert "no/such/config.yaml" in capsys.readouterr().err
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "lora_lab.train", "--config", "no/such/config.yaml"],
+                         cwd=root, capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": ""})  # fmt: skip
+    assert run.returncode == 2 and "no/such/config.yaml" in run.stderr
+
+
+def test_batch_rows_reshuffles_each_epoch_with_its_seed():
+    from lora_lab.train import batch_rows
+
+    rows = list(batch_rows(5, 2, 6, seed=3))
+    assert [len(r) for r in rows] == [2] * 6
+    assert sorted(rows[0] + rows[1] + [rows[2][0]]) == list(range(5))  # the first epoch covers every row
+    assert rows == list(batch_rows(5, 2, 6, seed=3)) != list(batch_rows(5, 2, 6, seed=4))
+
+
+def test_final_loss_is_the_mean_of_the_end_of_the_run():
+    from lora_lab.train import final_loss
+
+    assert final_loss([5.0] * 90 + [1.0] * 10) == 1.0  # the last tenth
+    assert final_loss([4.0, 2.0, 1.0], window=2) == 1.5
+    assert final_loss([3.0]) == 3.0
+    with pytest.raises(ValueError, match="no losses"):
+        final_loss([])
+
+
+def test_callback_sees_every_step_and_can_stop_the_run(base):
+    model, tok = base
+    from lora_lab.inject import LoRAConfig, add_lora, remove_lora
+
+    add_lora(model, LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    seen = []
+    try:
+        res = train(model, tok, data.load_task("sql", "train")[:8], steps=5, lr=1e-3, batch_size=4, progress=False,
+                    callback=lambda step, loss: seen.append((step, loss)) or step == 3)  # fmt: skip
+    finally:
+        remove_lora(model)
+    assert [s for s, _ in seen] == [1, 2, 3] and res["steps"] == 3 and [x for _, x in seen] == res["losses"]
 
 
 @pytest.mark.slow

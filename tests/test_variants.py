@@ -24,7 +24,7 @@ from peft.utils import loftq_utils
 from lora_lab import bnb_cpu
 from lora_lab.adapters import load_adapter, save_adapter
 from lora_lab.dora import DoRALinear, add_dora, load_dora_adapter, save_dora_adapter
-from lora_lab.inject import LoRAConfig, _set_submodule, add_lora, lora_layers
+from lora_lab.inject import LoRAConfig, add_lora, lora_layers
 from lora_lab.layers import LoRALinear
 from lora_lab.merge import merge_and_unload
 from lora_lab.nf4 import dequantize_nf4, quantize_nf4
@@ -563,7 +563,7 @@ def test_init_variant_checks_every_layer_before_changing_any():
     """
     ours = _ours(LoRAConfig(r=20, lora_alpha=20, target_modules=["q_proj"]))
     for name in [n for n, _ in ours.named_modules() if n.endswith("k_proj")]:
-        _set_submodule(ours, name, LoRALinear(ours.get_submodule(name), r=20, lora_alpha=20))
+        ours.set_submodule(name, LoRALinear(ours.get_submodule(name), r=20, lora_alpha=20))
     snapshot = {k: v.clone() for k, v in ours.state_dict().items()}
     with pytest.raises(ValueError, match="r=20 is larger than the 16 components"):
         init_variant(ours, "pissa")

@@ -18,13 +18,13 @@
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
-# torch build); does nothing anywhere else.
+# torch and transformers); does nothing anywhere else.
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
-EXTRAS = "train"  # pip extras this chapter needs
+EXTRAS = "train"  # never "book": Colab has plotting
 HOME = "/content/lora-lab"
 if "google.colab" in sys.modules:
     if not os.path.isdir(HOME):
@@ -34,10 +34,15 @@ if "google.colab" in sys.modules:
         subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
     os.chdir(f"{HOME}/chapters")
     sys.path.insert(0, HOME)
+    from importlib.metadata import version  # what this runtime ended up with
+    print({n: version(n) for n in ("transformers", "peft", "trl",
+                                   "bitsandbytes", "accelerate")})
 
 # %%
 # Parameters: change these to run the chapter on another model or device.
 BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / local path
+# On a Colab GPU try "HuggingFaceTB/SmolLM2-360M-Instruct" (Llama family,
+# fits a T4); the asserts about the bundled model are then skipped.
 SEED = 0
 
 # %%
@@ -130,7 +135,9 @@ print(f"layers={cfg.num_hidden_layers} hidden={cfg.hidden_size}"
 linear_names = sorted({n.split(".")[-1] for n, m in model.named_modules()
                        if isinstance(m, torch.nn.Linear)})
 print("linear layers:", linear_names)
-assert 2_000_000 <= n_tiny <= 10_000_000
+BUNDLED = lora_lab.models.is_bundled(BASE_MODEL)  # asserts about this one model
+if BUNDLED:  # another model has its own size
+    assert 2_000_000 <= n_tiny <= 10_000_000
 
 # %% [markdown]
 # It writes fluent text about its world, and it has seen SQL over *other* schemas
@@ -171,8 +178,9 @@ zero_shot = {t: evaluate.task_accuracy(model, tok, t, limit=100)
 print(f"probe accuracy: {probe_acc:.2f}")
 for task, acc in zero_shot.items():
     print(f"zero-shot {task:8} accuracy: {acc:.2f}")
-assert probe_acc >= 0.80
-assert all(acc <= 0.20 for acc in zero_shot.values())
+if BUNDLED:  # the bundled model knows its world and none of the tasks
+    assert probe_acc >= 0.80
+    assert all(acc <= 0.20 for acc in zero_shot.values())
 
 # %% [markdown]
 # The model knows its world (high probe accuracy) and knows the *formats* — it has seen

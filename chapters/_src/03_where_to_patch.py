@@ -26,13 +26,13 @@
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
-# torch build); does nothing anywhere else.
+# torch and transformers); does nothing anywhere else.
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
-EXTRAS = "train,book"  # pip extras this chapter needs
+EXTRAS = "train"  # never "book": Colab has plotting
 HOME = "/content/lora-lab"
 if "google.colab" in sys.modules:
     if not os.path.isdir(HOME):
@@ -42,10 +42,15 @@ if "google.colab" in sys.modules:
         subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
     os.chdir(f"{HOME}/chapters")
     sys.path.insert(0, HOME)
+    from importlib.metadata import version  # what this runtime ended up with
+    print({n: version(n) for n in ("transformers", "peft", "trl",
+                                   "bitsandbytes", "accelerate")})
 
 # %%
 # Parameters: change these to run the chapter on another model or device.
 BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / path
+# On a Colab GPU try "HuggingFaceTB/SmolLM2-360M-Instruct" (Llama family,
+# fits a T4); the asserts about the bundled model are then skipped.
 SEED = 0
 R, ALPHA = 8, 16  # the same rank and scale for every placement
 LIVE_PLACEMENT = "ffn"  # placement trained live at the end
@@ -200,10 +205,11 @@ assert abs(extra - vocab_weights) < 1000  # the difference is those weights
 sweep = json.loads((RESULTS_DIR / "where_to_patch.json").read_text())
 rows = {row["placement"]: row for row in sweep["rows"]}
 full = rows.pop("full")  # the reference row: full fine-tuning, same budget
-for placement, row in rows.items():
+for placement, row in rows.items():  # the cache is the bundled model's
     trainable, size = live_sizes[placement]
-    assert row["trainable_params"] == trainable, placement
-    assert row["adapter_bytes"] == size, placement
+    if lora_lab.models.is_bundled(BASE_MODEL):
+        assert row["trainable_params"] == trainable, placement
+        assert row["adapter_bytes"] == size, placement
 print("not trained in the cached sweep:",
       ", ".join(p for p in PLACEMENTS if p not in rows) or "none")
 print(f"task {sweep['task']}, r={sweep['r']}, alpha={sweep['lora_alpha']}, "
@@ -272,9 +278,9 @@ checks = {
     "ffn trains more numbers than attention": n["ffn"] > n["attention"],
     "all-linear beats attention": acc["all-linear"] > acc["attention"],
     "embed+head file > 5x all-linear file":
-        live_sizes["all-linear+embed+head"][1] > 5 * size["all-linear"],
+        size["all-linear+embed+head"] > 5 * size["all-linear"],
     "embed+head adds < 50% trainable":
-        live_sizes["all-linear+embed+head"][0] < 1.5 * n["all-linear"],
+        n["all-linear+embed+head"] < 1.5 * n["all-linear"],
     "embed+head beats all-linear by < 0.1":
         0 < acc["all-linear+embed+head"] - acc["all-linear"] < 0.1,
     "embed+head forgets the most (probes)":
@@ -317,7 +323,8 @@ print(f"{LIVE_PLACEMENT}: loss {run['losses'][0]:.3f} -> "
 first = sum(run["losses"][:3]) / 3
 last = sum(run["losses"][-3:]) / 3
 print("loss fell by at least a fifth:", last < 0.8 * first)
-assert last < 0.8 * first
+if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
+    assert last < 0.8 * first
 
 # %% [markdown]
 # ## Summary
@@ -331,6 +338,7 @@ assert last < 0.8 * first
 # - LoRA on the embedding and head adds few trainable numbers but, saved PEFT's default way,
 #   ships the full vocabulary matrices in the adapter file: here several times the size of
 #   everything else, on Llama-2-7B a gigabyte.
+# - After adding tokens, load such an adapter onto a base resized to the same vocabulary: {ref}`troubleshooting <trouble-vocab>`.
 #
 # ## Exercises
 #

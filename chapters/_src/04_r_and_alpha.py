@@ -18,13 +18,13 @@
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
-# torch build); does nothing anywhere else.
+# torch and transformers); does nothing anywhere else.
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
-EXTRAS = "train,book"  # pip extras this chapter needs
+EXTRAS = "train"  # never "book": Colab has plotting
 HOME = "/content/lora-lab"
 if "google.colab" in sys.modules:
     if not os.path.isdir(HOME):
@@ -34,10 +34,15 @@ if "google.colab" in sys.modules:
         subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
     os.chdir(f"{HOME}/chapters")
     sys.path.insert(0, HOME)
+    from importlib.metadata import version  # what this runtime ended up with
+    print({n: version(n) for n in ("transformers", "peft", "trl",
+                                   "bitsandbytes", "accelerate")})
 
 # %%
 # Parameters: change these to run the chapter on another model or device.
 BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / path
+# On a Colab GPU try "HuggingFaceTB/SmolLM2-360M-Instruct" (Llama family,
+# fits a T4); the asserts about the bundled model are then skipped.
 SEED = 0
 LIVE_RANKS = (2, 16)  # ranks of the live sweep, at alpha = LIVE_ALPHA
 LIVE_ALPHA = 16
@@ -333,6 +338,7 @@ for x in live_runs:
 # - rsLoRA's `alpha / sqrt(r)` keeps the update's size within 15% across r=1..64.
 # - alpha acts like a learning-rate multiplier: exactly at the first step under Adam, as
 #   lr squared under SGD, and only approximately after that.
+# - An adapter r times too strong or weak in another tool: {ref}`alpha vs alpha/r <trouble-alpha>` (troubleshooting).
 #
 # ## Exercises
 #

@@ -25,13 +25,13 @@
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
-# torch build); does nothing anywhere else.
+# torch and transformers); does nothing anywhere else.
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
-EXTRAS = "train,book"  # pip extras this chapter needs
+EXTRAS = "train"  # never "book": Colab has plotting
 HOME = "/content/lora-lab"
 if "google.colab" in sys.modules:
     if not os.path.isdir(HOME):
@@ -41,10 +41,15 @@ if "google.colab" in sys.modules:
         subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
     os.chdir(f"{HOME}/chapters")
     sys.path.insert(0, HOME)
+    from importlib.metadata import version  # what this runtime ended up with
+    print({n: version(n) for n in ("transformers", "peft", "trl",
+                                   "bitsandbytes", "accelerate")})
 
 # %%
 # Parameters: change these to run the chapter on another model or device.
 BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / local path
+# On a Colab GPU try "HuggingFaceTB/SmolLM2-360M-Instruct" (Llama family,
+# fits a T4); the asserts about the bundled model are then skipped.
 SEED = 0
 TASK = "sql"  # the task the live QLoRA runs learn
 LIVE_STEPS = 20  # training steps of each live QLoRA run
@@ -290,7 +295,7 @@ assert errors["nf4"] < errors["int4"] and errors["nf4"] < errors["fp4"]
 lead = {k: 1 - v["nf4"] / v["int4"] for k, v in cached["synthetic"].items()}
 assert lead["student_t3"] > lead["normal"] > 0
 assert all(v["nf4"] < v["fp4"] for v in cached["synthetic"].values())
-if BASE_MODEL is None:  # the cache was measured on the bundled model
+if lora_lab.models.is_bundled(BASE_MODEL):  # the cache is the bundled model's
     assert all(abs(errors[k] - cached["model_weighted_mean"][k]) < 1e-6
                for k in CODES)
 
@@ -402,7 +407,7 @@ for name, ws in widths.items():
     print(f"{name}: row lengths {sorted(ws)}, hit at blocksize 64: {hit}")
     assert not hit
 assert bnb_cpu.block_spans_rows((4096, 11008), 1024)  # 11008 = 10.75 x 1024
-# this machine's kernel: right, or wrong in exactly that way (anything else fails)
+# this machine's kernel: right, or wrong in exactly that way (else fails)
 kernel_here = bnb_cpu.compare_native_dequantize(odd_packed, odd_state)
 
 # %% tags=["nbval-ignore-output"]
@@ -903,7 +908,8 @@ top1 = {k: (logits(m).argmax(-1) == reference.argmax(-1)).float().mean().item()
         for k, m in cases.items()}
 eps = torch.finfo(DTYPE).eps  # fp32 2**-23, bf16 2**-7, fp16 2**-10
 rounding = max(1e-3, 2 * eps * reference.abs().max().item())
-# a gap within float rounding prints as "< rounding": its digits depend on the CPU's kernels
+# a gap within float rounding prints as "< rounding": its digits depend on
+# the CPU's kernels
 shown = {k: lora_lab.runtime.below(d, rounding) for k, d in diff.items()}
 print(f"{'case':18} {'max logit diff':>15} {'same top-1':>11} {'MB':>7}")
 for k in cases:
@@ -987,7 +993,8 @@ changed = (codes_before != codes_after).float().mean().item()
 print(f"median |delta| / NF4 level spacing: {ratio_step:.2f}")
 print(f"4-bit codes changed by the merge: {changed:.1%}")
 print(f"|(change re-quantizing applied) - delta| / |delta|: {err:.2f}")
-assert ratio_step < 0.5 and changed < 0.5 and err > 0.3
+if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
+    assert ratio_step < 0.5 and changed < 0.5 and err > 0.3
 
 # %% [markdown]
 # Most weights keep their 4-bit code: their change is smaller than half a level, so it
@@ -1071,6 +1078,7 @@ merge_plan(ql_model)
 # - Merging into a 4-bit base is a choice: full precision (exact, big), unmerged (exact,
 #   small, a little extra compute) or re-quantized (small, but rounded: PEFT merges a
 #   `load_in_4bit` model without an error and warns that generations may differ).
+# - Merging or counting a 4-bit model: {ref}`merging a 4-bit model <trouble-4bit-merge>` and {ref}`parameter counts <trouble-param-count>` (troubleshooting).
 #
 # ## Exercises
 #

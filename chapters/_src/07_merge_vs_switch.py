@@ -18,13 +18,13 @@
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
-# torch build); does nothing anywhere else.
+# torch and transformers); does nothing anywhere else.
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
-EXTRAS = "train,book,serving"  # pip extras this chapter needs
+EXTRAS = "train,serving"  # never "book": Colab has plotting
 HOME = "/content/lora-lab"
 if "google.colab" in sys.modules:
     if not os.path.isdir(HOME):
@@ -34,10 +34,15 @@ if "google.colab" in sys.modules:
         subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
     os.chdir(f"{HOME}/chapters")
     sys.path.insert(0, HOME)
+    from importlib.metadata import version  # what this runtime ended up with
+    print({n: version(n) for n in ("transformers", "peft", "trl",
+                                   "bitsandbytes", "accelerate")})
 
 # %%
 # Parameters: change these to run the chapter on another model or device.
 BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / path
+# On a Colab GPU try "HuggingFaceTB/SmolLM2-360M-Instruct" (Llama family,
+# fits a T4); the asserts about the bundled model are then skipped.
 SEED = 0
 RANK = 8  # rank of the demo adapters
 N_ADAPTERS = 4  # adapters in the switching and mixed-batch sections
@@ -648,6 +653,7 @@ assert tps["lora_lab_mixed"] > 3 * tps["merge_per_group"]
 #   at 16 adapters.
 # - vLLM combines PagedAttention (KV cache) with Punica-style LoRA kernels; start it with
 #   `--enable-lora --lora-modules` and a `--max-lora-rank` at least every adapter's rank.
+# - A server that refuses an adapter, or an adapter that changes nothing: {ref}`max_lora_rank <trouble-vllm-rank>`, {ref}`adapter loaded but not applied <trouble-adapter-inactive>` (troubleshooting).
 #
 # ## Exercises
 #

@@ -16,13 +16,13 @@
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
-# torch build); does nothing anywhere else.
+# torch and transformers); does nothing anywhere else.
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
-EXTRAS = "train,book"  # pip extras this chapter needs
+EXTRAS = "train"  # never "book": Colab has plotting
 HOME = "/content/lora-lab"
 if "google.colab" in sys.modules:
     if not os.path.isdir(HOME):
@@ -32,10 +32,15 @@ if "google.colab" in sys.modules:
         subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
     os.chdir(f"{HOME}/chapters")
     sys.path.insert(0, HOME)
+    from importlib.metadata import version  # what this runtime ended up with
+    print({n: version(n) for n in ("transformers", "peft", "trl",
+                                   "bitsandbytes", "accelerate")})
 
 # %%
 # Parameters: change these to run the chapter on another model or device.
 BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / path
+# On a Colab GPU try "HuggingFaceTB/SmolLM2-360M-Instruct" (Llama family,
+# fits a T4); the asserts about the bundled model are then skipped.
 SEED = 0
 LIVE_TASK = "support"  # task of the live comparison at the end
 LIVE_STEPS = 25  # its training steps (the cached benchmark used more)
@@ -765,8 +770,9 @@ for method, res in live.items():
 
 # %%
 assert live["pissa"]["loss"] < live["lora"]["loss"]
-assert live["pissa"]["probes"] < live["lora"]["probes"]
-assert live["lora-null"]["probes"] >= live["lora"]["probes"]
+if lora_lab.models.is_bundled(BASE_MODEL):  # forgetting needs a model that
+    assert live["pissa"]["probes"] < live["lora"]["probes"]  # knows its world
+    assert live["lora-null"]["probes"] >= live["lora"]["probes"]
 print("PiSSA: lower loss, fewer probes kept; LoRA-Null: probes kept")
 
 # %% [markdown]
