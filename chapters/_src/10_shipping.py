@@ -26,13 +26,13 @@
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
-# torch build); does nothing anywhere else.
+# torch and transformers); does nothing anywhere else.
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/lora-lab/lora-lab"  # from _config.yml
-EXTRAS = "train,book,serving"  # pip extras this chapter needs
+EXTRAS = "train,serving"  # never "book": Colab has plotting
 HOME = "/content/lora-lab"
 if "google.colab" in sys.modules:
     if not os.path.isdir(HOME):
@@ -42,13 +42,18 @@ if "google.colab" in sys.modules:
         subprocess.run([*pip, "-e", f"{HOME}[{EXTRAS}]"], check=True)
     os.chdir(f"{HOME}/chapters")
     sys.path.insert(0, HOME)
+    from importlib.metadata import version  # what this runtime ended up with
+    print({n: version(n) for n in ("transformers", "peft", "trl",
+                                   "bitsandbytes", "accelerate")})
 
 # %%
 # Parameters: change these to run the chapter on another model or device.
 BASE_MODEL = None  # None = the bundled tiny model; or a Hub id / path
-ADAPTERS = None  # None = data/adapters (trained for the bundled model);
-# for another base, train with `lora-lab train --config configs/sql.yaml`
-# (set `model:` there) and give {"support": path, "sql": path, ...} here
+# On a Colab GPU try "HuggingFaceTB/SmolLM2-360M-Instruct" (Llama family,
+# fits a T4); the asserts about the bundled model are then skipped.
+ADAPTERS = None  # None: data/adapters (trained for the bundled model), or
+# random stand-ins for another base; your own: {"support": path, "sql":
+# path, "sql_qv": path} (train them with `lora-lab train --config ...`)
 SEED = 0
 N_PROMPTS = 8  # test questions per task
 MAX_NEW_TOKENS = 40  # greedy answer length
@@ -97,16 +102,29 @@ print(lora_lab.runtime.describe())
 # %%
 base, tok = lora_lab.load_base(BASE_MODEL)
 base.eval()
-if ADAPTERS is None:
-    ADAPTERS = {n: DATA_DIR / "adapters" / n
-                for n in ("support", "sql", "sql_qv")}
+BUNDLED = lora_lab.models.is_bundled(BASE_MODEL)
+SHAPES = {"support": (8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+          "sql": (8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+          "sql_qv": (4, ["q_proj", "v_proj"])}
+if ADAPTERS is None and BUNDLED:
+    ADAPTERS = {n: DATA_DIR / "adapters" / n for n in SHAPES}
+elif ADAPTERS is None:  # another base: random adapters (B != 0) stand in
+    ADAPTERS = {}
+    for i, (name, (r, targets)) in enumerate(SHAPES.items()):
+        torch.manual_seed(SEED + i)
+        ADAPTERS[name] = WORK / "adapters" / name
+        get_peft_model(copy.deepcopy(base), LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=targets,
+            init_lora_weights=False)).save_pretrained(ADAPTERS[name])
 ADAPTERS = {n: Path(p) for n, p in ADAPTERS.items()}
 for name, path in ADAPTERS.items():
     cfg = json.loads((path / "adapter_config.json").read_text())
-    metrics = json.loads((path / "metrics.json").read_text())
+    metrics = path / "metrics.json"
+    accuracy = (f"{json.loads(metrics.read_text())['accuracy']:.2f}"
+                if metrics.is_file() else "n/a (untrained)")
     files = sorted(f.name for f in path.iterdir())
     print(f"{name:8} r={cfg['r']} {sorted(cfg['target_modules'])}"
-          f" test accuracy {metrics['accuracy']:.2f}"
+          f" test accuracy {accuracy}"
           f" | {shipping.dir_bytes(path) / 1e3:.0f} kB {files}")
 
 # %% [markdown]
@@ -186,7 +204,8 @@ for label, model in (("plain base", base), ("4-bit base", quantized)):
     except ValueError as err:
         caught.append(label)
         print(f"{label}: {str(err)[:72]}...")
-assert report["problems"] == [] and report["lora_layers"] == 16
+n_layers = base.config.num_hidden_layers
+assert report["problems"] == [] and report["lora_layers"] == 4 * n_layers
 assert caught == ["plain base", "4-bit base"]
 
 # %% [markdown]
@@ -213,13 +232,15 @@ assert (gen2.eos_token_id, gen2.pad_token_id) == (EOS, tok.pad_token_id)
 
 bare = WORK / "model-only"  # the mistake: weights without the tokenizer
 merged.save_pretrained(bare)
-try:
-    AutoTokenizer.from_pretrained(bare)
-    tokenizer_missing = False
+try:  # fails, or (for some model types) builds a tokenizer that is not ours
+    bare_tok = AutoTokenizer.from_pretrained(bare)
+    probe = "SELECT name"
+    same = bare_tok(probe)["input_ids"] == tok(probe)["input_ids"]
+    outcome = "our tokenizer" if same else "a tokenizer, but not ours"
 except (OSError, ValueError, TypeError) as err:
-    tokenizer_missing = True
-    print("model-only folder:", type(err).__name__)
-assert tokenizer_missing
+    outcome = type(err).__name__
+print("model-only folder:", outcome)
+assert outcome != "our tokenizer"
 
 # %% [markdown]
 # Now the test that matters: the reloaded merged model and the unmerged adapter answer
@@ -241,7 +262,7 @@ print(repr(tok.decode(reloaded_answers[0])))
 glue("merged_same", same, display=False)
 glue("merged_n", len(prompts), display=False)
 assert same >= len(prompts) - 1  # fp32: a near-tie may flip one token
-assert sql_right >= N_PROMPTS // 2  # the adapter does its job
+assert sql_right >= N_PROMPTS // 2 or not BUNDLED  # trained: it works
 
 # %% [markdown]
 # What the static road costs on disk: the merged folder is the whole model again, the
@@ -307,7 +328,8 @@ for name in ("support", "sql", None):
     print(f"{str(name):8}", repr(tok.decode(theirs[name][3]))[:62])
 assert all(ours[n] == theirs[n] for n in ("support", "sql", None))
 assert theirs["fresh"] == theirs[None]  # B = 0: the base model's answers
-assert theirs["support"] != theirs["sql"] != theirs[None]
+if BUNDLED:  # trained adapters change the answers
+    assert theirs["support"] != theirs["sql"] != theirs[None]
 
 # %% [markdown]
 # (claim-vllm-live)=
@@ -366,9 +388,9 @@ from lora_lab import vllm_server
 
 have_vllm = importlib.util.find_spec("vllm") is not None
 base_name, base_dir = lora_lab.models.check_base(BASE_MODEL)
-run_vllm = RUN_VLLM and have_vllm and base_dir is not None
+run_vllm = RUN_VLLM and have_vllm and BUNDLED
 why = ("vLLM is not installed here (it ships wheels for Linux only)"
-       if not have_vllm else "RUN_VLLM is False or the base is not local")
+       if not have_vllm else "RUN_VLLM is False or another base model")
 print("vLLM cells: run" if run_vllm else f"vLLM cells skipped: {why}")
 
 # %%
@@ -522,7 +544,7 @@ if served is not None:
     assert "greater than max_lora_rank 8" in served["refused"]
     assert all(served[k] for k in ("openai_sql", "openai_chat", "http_text"))
 for n in ("support", "sql", "sql_qv"):
-    assert reference[n] != reference["base"]
+    assert reference[n] != reference["base"] or not BUNDLED
 print("PEFT reference, first sql question:")
 for n in ("base", "sql", "sql_qv"):
     print(f"  {n:7}", repr(tok.decode(reference[n][0]))[:64])
@@ -546,39 +568,45 @@ for n in ("base", "sql", "sql_qv"):
 # %%
 import numpy as np
 
-gguf_dir = WORK / "gguf"
-gguf_files = {kind: shipping.write_llama_gguf(
-    merged_dir, gguf_dir / f"merged-sql-{kind}.gguf", dtype=kind)
-    for kind in ("f32", "f16", "q8_0")}
-if base_dir is None:  # a Hub model: save the base as a folder first
-    base_dir = WORK / "base"
-    base.save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
-base_gguf = shipping.write_llama_gguf(base_dir, gguf_dir / "base-f32.gguf")
-lora_gguf = shipping.write_lora_gguf(ADAPTERS["sql"], merged_dir,
-                                     gguf_dir / "sql-lora-f32.gguf")
-config = json.loads((merged_dir / "config.json").read_text())
-weights = {k: v.numpy() for k, v in merged.state_dict().items()}
-gaps = {}
-for kind, path in gguf_files.items():
-    meta, tensors = shipping.read_gguf(path)
-    back = shipping.gguf_to_hf_tensors(tensors, config)
-    assert set(back) == set(weights)
-    gaps[kind] = max(float(np.abs(back[k] - weights[k]).max())
-                     for k in weights)
-    print(f"{kind:5} {path.stat().st_size / 1e6:6.2f} MB, {len(tensors)}"
-          f" tensors, max |GGUF - merged| = {below(gaps[kind], 1e-6)}")
-lora_meta, lora_tensors = shipping.read_gguf(lora_gguf)
-print(f"LoRA  {lora_gguf.stat().st_size / 1e3:6.0f} kB, {len(lora_tensors)}"
-      f" tensors, alpha {lora_meta['adapter.lora.alpha']:.0f},"
-      f" type {lora_meta['general.type']}")
-print(meta["general.architecture"], "| context", meta["llama.context_length"],
-      "| tokens", meta["tokenizer.ggml.tokens.len"])
-assert gaps["f32"] == 0.0 and gaps["f16"] < 1e-2 and gaps["q8_0"] < 5e-2
-sizes.update({f"GGUF {k}": p.stat().st_size for k, p in gguf_files.items()})
-sizes["GGUF LoRA"] = lora_gguf.stat().st_size
-glue("gguf_f32_mb", sizes["GGUF f32"] / 1e6, display=False)
-glue("gguf_q8_mb", sizes["GGUF q8_0"] / 1e6, display=False)
+LLAMA = base.config.model_type == "llama"  # what this converter writes
+if not LLAMA:
+    print(f"{base.config.model_type} model: write_llama_gguf converts Llama"
+          " models only (llama.cpp's convert_hf_to_gguf.py does the rest)")
+else:
+    gguf_dir = WORK / "gguf"
+    gguf_files = {kind: shipping.write_llama_gguf(
+        merged_dir, gguf_dir / f"merged-sql-{kind}.gguf", dtype=kind)
+        for kind in ("f32", "f16", "q8_0")}
+    if base_dir is None:  # a Hub model: save the base as a folder first
+        base_dir = WORK / "base"
+        base.save_pretrained(base_dir)
+        tok.save_pretrained(base_dir)
+    base_gguf = shipping.write_llama_gguf(base_dir, gguf_dir / "base-f32.gguf")
+    lora_gguf = shipping.write_lora_gguf(ADAPTERS["sql"], merged_dir,
+                                         gguf_dir / "sql-lora-f32.gguf")
+    config = json.loads((merged_dir / "config.json").read_text())
+    weights = {k: v.numpy() for k, v in merged.state_dict().items()}
+    gaps = {}
+    for kind, path in gguf_files.items():
+        meta, tensors = shipping.read_gguf(path)
+        back = shipping.gguf_to_hf_tensors(tensors, config)
+        assert set(back) == set(weights)
+        gaps[kind] = max(float(np.abs(back[k] - weights[k]).max())
+                         for k in weights)
+        print(f"{kind:5} {path.stat().st_size / 1e6:6.2f} MB, {len(tensors)}"
+              f" tensors, max |GGUF - merged| = {below(gaps[kind], 1e-6)}")
+    lora_meta, lora_tensors = shipping.read_gguf(lora_gguf)
+    print(f"LoRA  {lora_gguf.stat().st_size / 1e3:6.0f} kB, {len(lora_tensors)}"
+          f" tensors, alpha {lora_meta['adapter.lora.alpha']:.0f},"
+          f" type {lora_meta['general.type']}")
+    print(meta["general.architecture"], "| context",
+          meta["llama.context_length"], "| tokens",
+          meta["tokenizer.ggml.tokens.len"])
+    assert gaps["f32"] == 0.0 and gaps["f16"] < 1e-2 and gaps["q8_0"] < 5e-2
+    sizes.update({f"GGUF {k}": p.stat().st_size for k, p in gguf_files.items()})
+    sizes["GGUF LoRA"] = lora_gguf.stat().st_size
+    glue("gguf_f32_mb", sizes["GGUF f32"] / 1e6, display=False)
+    glue("gguf_q8_mb", sizes["GGUF q8_0"] / 1e6, display=False)
 
 # %% [markdown]
 # **Running it.** `llama-cpp-python` compiles llama.cpp from source when it is installed
@@ -590,32 +618,38 @@ glue("gguf_q8_mb", sizes["GGUF q8_0"] / 1e6, display=False)
 # runs llama.cpp live as well.
 
 # %%
-cached = json.loads((RESULTS_DIR / "gguf_llama_cpp.json").read_text())
 hf_answers = {"merged f32": reloaded_answers[:N_PROMPTS],
               "merged q8_0": reloaded_answers[:N_PROMPTS],
               "base + LoRA f32": unmerged_answers[:N_PROMPTS]}
-assert cached["prompts"] == ids["sql"]
-assert cached["max_tokens"] == MAX_NEW_TOKENS
-print(f"llama.cpp {cached['llama_cpp_python']} answers (cached) vs"
-      " transformers now, sql questions:")
-gguf_agree = {}
-for label, theirs_cpp in cached["answers"].items():
-    gguf_agree[label] = sum(a == b for a, b in zip(theirs_cpp,
-                                                    hf_answers[label]))
-    print(f"  {label:16} {gguf_agree[label]}/{N_PROMPTS} identical")
-tok_same = sum(a == b for a, b in zip(cached["llama_cpp_tokens"], ids["sql"]))
-print(f"  tokenizer        {tok_same}/{N_PROMPTS} prompts tokenized alike")
-print("  first answer:", repr(tok.decode(cached["answers"]["merged f32"][0])))
-glue("gguf_agree_f32", gguf_agree["merged f32"], display=False)
-glue("gguf_agree_lora", gguf_agree["base + LoRA f32"], display=False)
-glue("gguf_agree_q8", gguf_agree["merged q8_0"], display=False)
-glue("gguf_n", N_PROMPTS, display=False)
-assert gguf_agree["merged f32"] >= N_PROMPTS - 1
-assert gguf_agree["base + LoRA f32"] >= N_PROMPTS - 1
-assert tok_same == N_PROMPTS
+gguf_agree = None
+if not BUNDLED:
+    print("the cached llama.cpp answers are the bundled model's: skipped")
+else:
+    cached = json.loads((RESULTS_DIR / "gguf_llama_cpp.json").read_text())
+    assert cached["prompts"] == ids["sql"]
+    assert cached["max_tokens"] == MAX_NEW_TOKENS
+    print(f"llama.cpp {cached['llama_cpp_python']} answers (cached) vs"
+          " transformers now, sql questions:")
+    gguf_agree = {}
+    for label, theirs_cpp in cached["answers"].items():
+        gguf_agree[label] = sum(a == b for a, b in zip(theirs_cpp,
+                                                        hf_answers[label]))
+        print(f"  {label:16} {gguf_agree[label]}/{N_PROMPTS} identical")
+    tok_same = sum(a == b for a, b in
+                   zip(cached["llama_cpp_tokens"], ids["sql"]))
+    print(f"  tokenizer        {tok_same}/{N_PROMPTS} prompts tokenized alike")
+    first = cached["answers"]["merged f32"][0]
+    print("  first answer:", repr(tok.decode(first)))
+    glue("gguf_agree_f32", gguf_agree["merged f32"], display=False)
+    glue("gguf_agree_lora", gguf_agree["base + LoRA f32"], display=False)
+    glue("gguf_agree_q8", gguf_agree["merged q8_0"], display=False)
+    glue("gguf_n", N_PROMPTS, display=False)
+    assert gguf_agree["merged f32"] >= N_PROMPTS - 1
+    assert gguf_agree["base + LoRA f32"] >= N_PROMPTS - 1
+    assert tok_same == N_PROMPTS
 
 # %% tags=["nbval-ignore-output"]
-if shipping.llama_cpp_available():
+if shipping.llama_cpp_available() and LLAMA:
     live = shipping.llama_cpp_answers(
         {"merged f32": gguf_files["f32"], "merged q8_0": gguf_files["q8_0"],
          "base + LoRA f32": (base_gguf, lora_gguf)},
@@ -625,8 +659,9 @@ if shipping.llama_cpp_available():
         print(f"live llama.cpp {label:16} {n}/{N_PROMPTS} identical")
         assert label == "merged q8_0" or n >= N_PROMPTS - 1
 else:
-    print("llama-cpp-python is not installed here: live run skipped"
-          " (pip install llama-cpp-python builds llama.cpp from source)")
+    print("llama-cpp-python is not installed here (or the model is not a"
+          " Llama): live run skipped (pip install llama-cpp-python builds"
+          " llama.cpp from source)")
 
 # %% [markdown]
 # f32 GGUF holds exactly the merged weights, and llama.cpp's greedy answers equal
@@ -799,7 +834,7 @@ rows = {
     "disk, 16 tasks (MB)": [16 * base_mb, base_mb + 16 * adapter_mb,
                             base_mb + 16 * adapter_mb,
                             base_mb + 16 * adapter_mb,
-                            16 * sizes["GGUF q8_0"] / 1e6],
+                            16 * sizes["GGUF q8_0"] / 1e6 if LLAMA else None],
     "tokens/s, 1 task": [at1["merged_single"]["tokens_per_s"],
                          at1["peft_set_adapter"]["tokens_per_s"],
                          at1["lora_lab_mixed"]["tokens_per_s"], None, None],
@@ -812,8 +847,10 @@ print(f"{'':22}" + "".join(f"{c:>12}" for c in cols))
 for label, values in rows.items():
     print(f"{label:22}" + "".join(
         f"{'-':>12}" if v is None else f"{v:>12.0f}" for v in values))
+q8_agree = (f"{gguf_agree['merged q8_0']}/{N_PROMPTS}" if gguf_agree
+            else "-")
 agreement = [f"{same}/{len(prompts)}", "(ref.)", "(ref.)", "see above",
-             f"{gguf_agree['merged q8_0']}/{N_PROMPTS}"]
+             q8_agree]
 print(f"{'answers = reference':22}" + "".join(f"{a:>12}" for a in agreement))
 disk, tps = rows["disk, 16 tasks (MB)"], rows["tokens/s, 16 tasks"]
 glue("disk16_merged", disk[0], display=False)
