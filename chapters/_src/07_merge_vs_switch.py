@@ -558,7 +558,8 @@ assert 0.6 < r16["c_over_e"] < 1
 # a minute or two to start on the book's small CPU machine, more than this notebook's budget, so it runs
 # here only with `RUN_VLLM = True`; `tests/test_vllm_server.py` runs the same steps and
 # requires vLLM's greedy tokens to agree with `lora_lab` and PEFT on most of the
-# prompts.
+# prompts. Chapter 10 ({doc}`10_shipping`) runs the server live, with the flags that make
+# it start faster, trained adapters, the `openai` client and raw HTTP.
 
 # %%
 from lora_lab import vllm_server
