@@ -75,21 +75,24 @@ ALLOWED: dict[str, str] = {
     "The paper reports 2,000 adapters on one A100-80GB for Llama-7B, and up to 4x the throughput"
     " of vLLM with packed adapters and up to 30x that of PEFT": "the S-LoRA paper's figures",
     '("LoRA rank 16 is greater than max_lora_rank 8.")': "vLLM's error message, quoted",
+    '"8x scaling error with default settings"': "an mlx-vlm issue's title, quoted",
+    '"LoRA rank 64 is greater than max_lora_rank 16"': "vLLM's error message, quoted",
     # definitions and published configurations
     "4 bytes per fp32": "what fp32 is",
+    "each block of 32 weights": "the Q8_0 format's definition (GGUF)",
 }
 
 # Settings named the way the code names them (r=8, rank 4, alpha = 16, all 7 projections,
 # 4-bit): configuration visible in the code cells, not results.
 ALLOWED_PATTERNS: dict[str, str] = {
     r"\b(?:r|alpha|lora_alpha)\s?=\s?\d+": "a LoRA setting as the code writes it",
-    r"\b(?:[Rr]ank|ratio)\s\d+\b": "a LoRA setting as the code writes it",
+    r"\b(?:[Rr]ank|ratio)\s\(?\d+\b": "a LoRA setting as the code writes it",
     r"\ball (?:7|seven)\b": "Llama's seven projections, the LLAMA_ALL target list",
     r"(?i)\bscaling (?:of )?\d+\b": "a LoRA setting (alpha / r) as the code writes it",
     r"\bseeds? \d+\b": "a seed's name",
     r"\b\d+-bit\b": "a storage format (4-bit, 8-bit)",
     r"(?<![\w.])-100\b": "the label value the loss skips (transformers' ignore index)",
-    r"(?i)\b(?:at|with|plus) 16 adapters\b|\b16 merged models\b": "chapter 07's setting (rows[16], 16 * model_bytes in the code)",
+    r"(?i)\b(?:at|with|plus) 16 adapters\b|\b16 merged models\b|\b16 (?:tasks|adapters)\b": "chapters 07 and 10's setting (16 adapters / tasks in their code)",
 }
 
 WORDISH = r"[A-Za-z_\u00b5]"
@@ -108,8 +111,11 @@ STRUCTURE = [
     re.compile(r"<!--.*?-->", re.S),
     re.compile(r"(?i)\bchapters?\s+\d\d(?:\s*(?:[\u2013\-,]|and|to|or)\s*\d\d)*"),
     re.compile(
-        r"(?i)\b(?:exercises?|solutions?|step|rows?|path|case)\s+\d+(?:\s*(?:[\u2013\-,]|and)\s*\d+)*"
+        r"(?i)\b(?:exercises?|solutions?|step|rows?|path|case|road|section)\s+\d+(?:\s*(?:[\u2013\-,]|and)\s*\d+)*"
     ),
+    re.compile(r"[\w.\-]+/[\w.\-]+#\d+|(?<![\w&])#\d+"),  # issue and PR references (owner/repo#N, #N)
+    re.compile(r"^#+\s+\d+\.\s", re.M),  # numbered section headings ("## 3. vLLM's ...")
+    re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])"),  # IP addresses (127.0.0.1)
     re.compile(r"(?i)\b(?:claims?|row)\s+#?\d+"),
     re.compile(r"^#+\s+\d\d\s+\u00b7", re.M),  # "# 04 · r and alpha"
     re.compile(r"^\s*(?:\d+\.|\(\d+\))\s", re.M),  # list markers

@@ -375,8 +375,8 @@ assert procs["uni executor (2 processes)"] < procs["default (3 processes)"]
 assert startup["same_answers"] and fast < slow
 
 # %% [markdown]
-# The other flags keep the server small: `VLLM_CPU_KVCACHE_SPACE=1` gives the KV cache
-# 1 GiB instead of a share of the machine's RAM, `--max-model-len 512` is the model's own
+# The other flags keep the server small: `VLLM_CPU_KVCACHE_SPACE=1` sizes the KV cache in
+# GiB instead of taking a share of the machine's RAM, `--max-model-len 512` is the model's own
 # limit, `--max-num-seqs 16` sizes the batch for this chapter. On a GPU drop
 # `--dtype float32` and the CPU variables; `--max-lora-rank` and `--max-loras` stay.
 
@@ -528,9 +528,9 @@ if run_vllm:
 
 # %% [markdown]
 # The checks, in a cell whose output is the same with or without vLLM (without it, only
-# the PEFT reference is shown): at least 90% of the served answers must equal PEFT's
-# token for token (both run fp32; vLLM's CPU kernels add in another order, so a rare
-# near-tie could flip a token), each adapter must change the answers, the runtime load
+# the PEFT reference is shown): the served answers must equal PEFT's in nine cases of ten
+# (`agree_all >= 0.9 * total`), token for token (both run fp32; vLLM's CPU kernels add
+# in another order, so a rare near-tie could flip a token), each adapter must change the answers, the runtime load
 # must have worked, and the rank-16 adapter must have been refused.
 
 # %%
@@ -610,7 +610,7 @@ else:
 
 # %% [markdown]
 # **Running it.** `llama-cpp-python` compiles llama.cpp from source when it is installed
-# (a C++ compiler and cmake; about 4 minutes on two idle cores, far longer on a busy
+# (a C++ compiler and cmake; several minutes on two idle cores, far longer on a busy
 # machine). The book's environment does not install it, so this chapter shows the
 # answers cached by `benchmarks/gguf_llama_cpp.py`, which runs the same function
 # (`shipping.llama_cpp_answers`) on the same files, and compares them here with the
@@ -949,7 +949,7 @@ plt.show()
 # ```{admonition} Solution 1
 # :class: dropdown
 # The weights file halves (bf16 stores two bytes per weight); the tokenizer files do not
-# change. Rounding every weight to 8 bits of mantissa moves the logits a little, so
+# change. Rounding every weight to bf16 moves the logits a little, so
 # answers can flip wherever two tokens were nearly tied; count them with `greedy` as the
 # merged-reload cell does. It is the checklist's "half precision" warning, seen from the
 # other side.
@@ -967,7 +967,7 @@ plt.show()
 # ```{admonition} Solution 3
 # :class: dropdown
 # f16 gives a read-back gap well below q8_0's and a file half the size of f32 (the GGUF
-# cell prints all three). The 1-D norm weights stay f32 in every file: they hold a few
+# cell prints all three). The one-dimensional norm weights stay f32 in every file: they hold a few
 # hundred numbers per layer and scale every activation, so rounding them would save
 # almost nothing; llama.cpp's own converter keeps them in f32 as well.
 # ```

@@ -253,8 +253,8 @@ print("max |logit change| from merging:",
 assert type(layer).__name__ == "Linear4bit"
 
 # %% [markdown]
-# **Fix.** Merge into full-precision weights that equal the 4-bit ones: load the base in
-# 4 bits as in training, `dequantize()` it (transformers turns every `Linear4bit` back into
+# **Fix.** Merge into full-precision weights that equal the 4-bit ones: load the base
+# 4-bit as in training, `dequantize()` it (transformers turns every `Linear4bit` back into
 # an fp32 `nn.Linear`), then load the adapter and merge. The result computes what you
 # trained, up to float rounding, at full-precision size. Merging into the *original*
 # full-precision checkpoint, the other common recipe, gives a different model: the adapter
@@ -287,7 +287,7 @@ assert gap(logits(merged), trained) < 1e-4
 # **Symptom.** vLLM starts, then refuses the adapter: `ValueError: LoRA rank 64 is greater
 # than max_lora_rank 16.` (vllm-project/vllm#2847; the same error in
 # hiyouga/LlamaFactory#9512 and modelscope/ms-swift#4221). vLLM reserves its LoRA
-# buffers at start-up for ranks up to `max_lora_rank`, 16 unless you say otherwise, and
+# buffers at start-up for ranks up to `max_lora_rank` (`16` unless you say otherwise), and
 # accepts only a fixed list of values for it. Reproduced with vLLM's own classes (no
 # server needed): the configuration a server gets from `--max-lora-rank`, and the check
 # its workers run on each adapter's `adapter_config.json`. (vLLM runs on Linux;
@@ -544,8 +544,8 @@ assert qlora.get_base_model().num_parameters() == ours[1]  # transformers
 
 # %% [markdown]
 # The same two effects explain most of the puzzling `print_trainable_parameters` lines in
-# tutorials: {ref}`chapter 05 <claim-sfttrainer>` counts Llama-2-7B exactly (0.5898% at
-# r=16 on every linear layer), and the {doc}`claims ledger <../reference/claims>` lists
+# tutorials: {ref}`chapter 05 <claim-sfttrainer>` counts Llama-2-7B exactly (its trainable
+# share at r=16 on every linear layer), and the {doc}`claims ledger <../reference/claims>` lists
 # the figures that do not add up.
 #
 # (trouble-vocab)=
@@ -698,7 +698,7 @@ assert adapter_changes_outputs(model) and not adapter_changes_outputs(silent)
 # | 3 | `LoRA rank 16 is greater than max_lora_rank 8` | `--max-lora-rank` ≥ every adapter's `r` and `rank_pattern` | read the ranks from `adapter_config.json` |
 # | 4 | output runs to `max_new_tokens` | stop on the template's end-of-turn token; pad ≠ eos | end tokens carry loss; `generate` stops |
 # | 5 | adapter r times too strong or weak | know $\alpha/r$ vs $\alpha$; convert `lora_alpha` | same update in both tools |
-# | 6 | 4-bit model counts too few weights; odd `trainable%` | count packed weights ×2; share of base + adapter | equals the fp32 count |
+# | 6 | 4-bit model counts too few weights; odd `trainable%` | count each packed byte as two weights; share of base + adapter | equals the fp32 count |
 # | 7 | `size mismatch for ...embed_tokens...` | resize the fresh base to the saved tokenizer first | logits equal the trained model's |
 # | 8 | outputs unchanged after loading | `set_adapter`; treat missing keys as an error | adapter on ≠ adapter off |
 #
@@ -707,18 +707,18 @@ assert adapter_changes_outputs(model) and not adapter_changes_outputs(silent)
 # 1. In section 4, set `pad_is_eos.padding_side = "right"` and count again. Does the
 #    number of end tokens that carry loss change? Why?
 # 2. In section 3, add `rank_pattern={"q_proj": 64}` to the rank-16 adapter's config.
-#    What does `max_lora_rank_for` return, and would vLLM's default of 16 accept it?
+#    What does `max_lora_rank_for` return, and would vLLM's default (`max_lora_rank=16`) accept it?
 #
 # ```{admonition} Solution 1
 # :class: dropdown
-# No: it stays 0. The collator masks by *value* (every token equal to the pad token), not
+# No: none of them carries loss. The collator masks by *value* (every token equal to the pad token), not
 # by position, so the real end tokens are masked wherever the padding goes. Only a pad
 # token different from the end token, or labels built from the attention mask, keep them.
 # ```
 #
 # ```{admonition} Solution 2
 # :class: dropdown
-# 64: the largest rank in the file is the pattern's. vLLM's `validate_legal` takes the
-# maximum over `r` and `rank_pattern` too, so a server at the default 16 refuses it with
+# Rank 64: the largest rank in the file is the pattern's. vLLM's `validate_legal` takes the
+# maximum over `r` and `rank_pattern` too, so a server at the default (`16`) refuses it with
 # "LoRA rank 64 is greater than max_lora_rank 16".
 # ```
