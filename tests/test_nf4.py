@@ -323,17 +323,6 @@ def test_llama_weight_memory():
         nf4.llama_weight_memory("8B")
 
 
-def test_llama_weight_memory_agrees_with_sizing():
-    sizing = pytest.importorskip("lora_lab.sizing")
-    if "llama-2-13b" not in sizing.available_shapes():
-        pytest.skip("model shapes are not shipped yet")
-    # Llama-2 7B/13B have the Llama-1 shapes
-    assert nf4.llama_weight_memory("7B")["params"] == sizing.count_params("llama-2-7b")
-    assert nf4.llama_weight_memory("13B")["params"] == sizing.count_params("llama-2-13b")
-    assert nf4.llama_weight_memory("13B")["quantized_params"] == sizing.quantizable_params("llama-2-13b")
-    assert nf4.bits_per_param_formula(64, True) == pytest.approx(8 * sizing.nf4_bytes_per_param(64, True))
-
-
 # ---------------------------------------------------------------------------- the 4-bit layer
 
 
