@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_lab.layers import lora_delta
 from lora_lab.sizing import bits_per_param_formula, weight_memory
 
 __all__ = [
@@ -746,7 +747,7 @@ def _lora_delta(layer: nn.Module) -> torch.Tensor:
         return layer.delta_weight()
     if callable(getattr(layer, "get_delta_weight", None)):  # PEFT: one entry per adapter name
         return layer.get_delta_weight(layer.active_adapters[0])
-    return layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())  # [out, r] @ [r, in]
+    return lora_delta(layer.lora_A.weight.float(), layer.lora_B.weight.float(), layer.scaling)  # [out, in]
 
 
 def _options_text() -> str:
