@@ -111,16 +111,8 @@ def to_peft_config(config, **overrides):
     """The PEFT LoraConfig equal to a lora_lab LoRAConfig (task_type CAUSAL_LM)."""
     from peft import LoraConfig
 
-    kwargs = dict(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        use_rslora=config.use_rslora,
-        init_lora_weights=config.init_lora_weights,
-        bias=config.bias,
-        task_type="CAUSAL_LM",
-    )
+    same = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights", "bias")
+    kwargs = {key: getattr(config, key) for key in same} | {"task_type": "CAUSAL_LM"}
     return LoraConfig(**(kwargs | overrides))
 
 
