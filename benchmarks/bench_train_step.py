@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora_lab.inject import LoRAConfig, add_lora  # noqa: E402
+from lora_lab.inject import LoRAConfig, add_lora, count_parameters  # noqa: E402
 from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR, write_json  # noqa: E402
 from lora_lab.pretrain import MODEL_CONFIG, VOCAB_SIZE  # noqa: E402
 
@@ -151,8 +151,8 @@ def main(argv=None) -> dict:
         "lora_lab_step_ms_median": round(statistics.median(medians["lora_lab"]) * 1e3, 2),
         "peft_step_ms_median": round(statistics.median(medians["peft"]) * 1e3, 2),
         "model": description,
-        "model_params": sum(p.numel() for p in ours.parameters()),
-        "trainable_params": sum(p.numel() for p in ours.parameters() if p.requires_grad),
+        "model_params": count_parameters(ours)[1],
+        "trainable_params": count_parameters(ours)[0],
         "batch": args.batch,
         "seq": args.seq,
         "repeats": args.repeats,

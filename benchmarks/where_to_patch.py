@@ -37,6 +37,7 @@ from lora_lab.experiments import finetune_and_score
 from lora_lab.inject import LoRAConfig, add_lora, count_parameters
 from lora_lab.models import load_base
 from lora_lab.paths import RESULTS_DIR
+from lora_lab.sizing import LLAMA_ALL
 
 TASK = "sql"
 R, ALPHA = 8, 16
@@ -45,16 +46,11 @@ BATCH = 32
 LR = 3e-3
 EVAL_LIMIT = 200
 SEED = 0
-ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-FFN = ["gate_proj", "up_proj", "down_proj"]
-PLACEMENTS = {
-    "q,v": ["q_proj", "v_proj"],
-    "attention": ATTN,
-    "ffn": FFN,
-    "all-linear": "all-linear",
-    "all-linear+embed+head": [*ATTN, *FFN, "embed_tokens", "lm_head"],
-    "full": None,  # reference: full fine-tuning, every weight trains
-}
+ATTN, FFN = LLAMA_ALL[:4], LLAMA_ALL[4:]  # q, k, v, o and gate, up, down
+# Chapter 03's placements, and "full": the reference, full fine-tuning, every weight trains.
+PLACEMENTS = {"q,v": ["q_proj", "v_proj"], "attention": ATTN, "ffn": FFN, "all-linear": "all-linear",
+              "all-linear+embed+head": [*ATTN, *FFN, "embed_tokens", "lm_head"],
+              "full": None}  # fmt: skip
 FULL_LR = 1e-3  # full fine-tuning takes a smaller learning rate than LoRA
 PEFT_ONLY = {"all-linear+embed+head"}  # lora_lab has no embedding LoRA: PEFT builds these
 

@@ -55,7 +55,7 @@ __all__ = [
     "TrainConfig",
     "CONFIG_KEYS",
     "load_config",
-    "config_from_dict",
+    "train_config_from_dict",
     "check_output_dir",
     "train_from_config",
     "main",
@@ -118,7 +118,7 @@ def _as_number(key: str, value, kind: type):
     raise TypeError(f"config key {key!r} must be a number (e.g. 3.0e-3), got {value!r}")
 
 
-def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
+def train_config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
     """Check a dict of YAML keys and build a TrainConfig; every error says which key and what to write."""
     from lora_lab.data import SPLITS, TASKS
 
@@ -188,7 +188,7 @@ def load_config(path: str | Path) -> TrainConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}") from None
-    return config_from_dict(raw, source=str(path))
+    return train_config_from_dict(raw, source=str(path))
 
 
 def _lora_config(cfg: TrainConfig):

@@ -44,6 +44,7 @@ __all__ = [
     "disable_adapter",
     "linear_module_names",
     "resolve_target_modules",
+    "parameter_count",
     "count_parameters",
     "trainable_parameters_line",
     "print_trainable_parameters",
@@ -318,21 +319,31 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------- counting
 
 
+def parameter_count(param: nn.Parameter) -> int:
+    """How many weights one parameter holds, as PEFT's `get_nb_trainable_parameters` counts them.
+
+    bitsandbytes stores 4-bit weights as `Params4bit` packing two values per byte (a [n/2, 1] uint8
+    tensor holds n weights), so its `numel()` is half the real count: PEFT multiplies by
+    2 * element_size, and so do we.
+    """
+    if param.__class__.__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, counted exactly as PEFT's `get_nb_trainable_parameters`.
 
-    bitsandbytes stores 4-bit weights as `Params4bit` packing two values per byte, so their
-    `numel()` is half the real count: PEFT multiplies by 2 * element_size, and so do we.
-    Shared (tied) parameters count once, as `named_parameters()` yields them once.
+    The one parameter counter of lora_lab (`models.count_parameters`, `sizing.count_params` and
+    `train.train` count through it). A bitsandbytes 4-bit weight counts as the weights it packs
+    (`parameter_count`). Shared (tied) parameters count once, as `named_parameters()` yields them once.
     lora_lab's own `NF4Linear` keeps its packed weight as a buffer, not a parameter; it counts as
     the in_features * out_features weights it stands for (frozen), so a QLoRA model built with
     lora_lab reports the same totals as one built with bitsandbytes and PEFT.
     """
     trainable = total = 0
     for _, param in model.named_parameters():
-        n = param.numel()
-        if param.__class__.__name__ == "Params4bit":
-            n = n * 2 * param.element_size()
+        n = parameter_count(param)
         total += n
         if param.requires_grad:
             trainable += n

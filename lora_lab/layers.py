@@ -36,7 +36,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "lora_scaling", "base_in_out_features", "is_conv1d", "check_hyperparameters"]
+__all__ = [
+    "LoRALinear",
+    "lora_delta",
+    "lora_scaling",
+    "base_in_out_features",
+    "is_conv1d",
+    "check_hyperparameters",
+]
 
 
 class LoRALinear(nn.Module):
@@ -171,20 +178,8 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------ merging
 
     def delta_weight(self) -> torch.Tensor:
-        """The weight change B @ A * scaling, laid out like the base weight ([in, out] for Conv1D).
-
-        On CPU a half-precision patch is multiplied in fp32 and cast back, as PEFT does.
-        """
-        weight_A, weight_B = self.lora_A.weight, self.lora_B.weight  # [r, in], [out, r]
-        dtype = weight_B.dtype
-        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if upcast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
-        delta = weight_B @ weight_A  # [out, in]
-        if self.fan_in_fan_out:
-            delta = delta.T  # Conv1D keeps [in, out]
-        delta = delta * self.scaling
-        return delta.to(dtype) if upcast else delta
+        """The weight change B @ A * scaling, laid out like the base weight ([in, out] for Conv1D)."""
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
 
     def mergeable_weight(self) -> torch.Tensor:
         """The base weight to merge into; TypeError if it is quantized or missing."""
@@ -247,6 +242,25 @@ class LoRALinear(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # Checks and PEFT-matching details the class relies on
+
+
+def lora_delta(
+    weight_A: torch.Tensor, weight_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """The update dW = scaling * B @ A of A [r, in] and B [out, r]: [out, in], or [in, out] with
+    fan_in_fan_out (Conv1D stores its weight transposed). The one place lora_lab writes it.
+
+    On CPU a half-precision patch is multiplied in fp32 and cast back, as PEFT's `get_delta_weight` does.
+    """
+    dtype = weight_B.dtype
+    upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+    if upcast:
+        weight_A, weight_B = weight_A.float(), weight_B.float()
+    delta = weight_B @ weight_A  # [out, in]
+    if fan_in_fan_out:
+        delta = delta.T  # Conv1D keeps [in, out]
+    delta = delta * scaling
+    return delta.to(dtype) if upcast else delta
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:

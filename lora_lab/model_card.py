@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lora_lab import data
+from lora_lab import data, datagen
 from lora_lab.paths import RESULTS_DIR, TINY_BASE_DIR
 from lora_lab.pretrain import MODEL_CONFIG, SEED
 
@@ -130,7 +130,7 @@ tags: [llama, tiny, lora-lab, education]
 # tiny-base: LoRA Lab's bundled base model
 
 A {params_m:.2f} M-parameter `LlamaForCausalLM`, pretrained from scratch on this project's own generated
-corpus (`lora_lab.data`), so every chapter of the book runs offline on a laptop CPU. It is a teaching
+corpus (`lora_lab.datagen`), so every chapter of the book runs offline on a laptop CPU. It is a teaching
 model: it knows a small fictional world, SQL over a few toy schemas and a chat format, and nothing else.
 
 ## Architecture
@@ -147,7 +147,7 @@ model: it knows a small fictional world, SQL over a few toy schemas and a chat f
 | chat template | `<|user|>\\n...\\n<|assistant|>\\n...<|endoftext|>`; generation stops at `<|endoftext|>` |
 
 ## Data
-`python -m lora_lab.data` writes every data set (seeded, byte-identical on every run). The pretraining
+`python -m lora_lab.datagen` writes every data set (seeded, byte-identical on every run). The pretraining
 corpus ({docs:,} documents, {corpus_tokens:,} tokens) mixes: facts, town descriptions and stories of
 a small fictional world (40 people, 12 towns); records whose summaries repeat the names and numbers they
 contain (copying from context); shops of that world with their own prices and rules; trade news that
@@ -363,7 +363,7 @@ def write_model_card(model_dir: str | Path = TINY_BASE_DIR, metrics: dict | None
         hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
         kv=cfg["num_key_value_heads"], head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
         inter=cfg["intermediate_size"], vocab=cfg["vocab_size"], ctx=cfg["max_position_embeddings"],
-        docs=data.CORPUS_SIZES["train"], corpus_tokens=info["corpus_tokens"], steps=info["steps"],
+        docs=datagen.CORPUS_SIZES["train"], corpus_tokens=info["corpus_tokens"], steps=info["steps"],
         batch=info["batch_size"], seq=info["seq_len"], peak_lr=info["peak_lr"], tokens_seen=info["tokens_seen"],
         minutes=info["seconds"] / 60, threads=info["threads"], final_train_loss=info["final_train_loss"],
         final_val_loss=info["final_val_loss"], n_probes=len(data.load_probes("test")),

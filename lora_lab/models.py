@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from lora_lab import inject
 from lora_lab.paths import TINY_BASE_DIR
 
 __all__ = [
@@ -180,5 +181,7 @@ def check_generation_length(model, prompt_tokens: int, max_new_tokens) -> None:
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (all, or only those with `requires_grad`)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Number of parameters (all, or only those with `requires_grad`): `inject.count_parameters`'s count,
+    so a bitsandbytes 4-bit model counts every weight its packed bytes hold, as PEFT does."""
+    trainable, total = inject.count_parameters(model)
+    return trainable if trainable_only else total

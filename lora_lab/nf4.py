@@ -15,8 +15,10 @@ builds the 4-bit half in plain torch, one readable step at a time:
 
 On top of that: `NF4Linear`, a 4-bit linear layer that holds the packed bytes as buffers and
 dequantizes in `forward`; `quantize_model` to swap a model's linear layers for it; memory accounting
-(`model_bytes`, `bits_per_param`, `llama_weight_memory`); and the three ways of merging a LoRA delta into
-a quantized base (`merge_quantized`).
+measured from the tensors (`model_bytes`, `bits_per_param`), with the storage formula
+(`bits_per_param_formula`) and model-scale weight memory (`llama_weight_memory`) from `lora_lab.sizing`,
+the one memory calculator; and the three ways of merging a LoRA delta into a quantized base
+(`merge_quantized`).
 
 The results equal bitsandbytes 0.50.2's CPU path exactly (packed bytes, absmax, nested absmax and
 offset, dequantized values); `tests/test_nf4.py` checks that. Details that matter for bit-exactness,
@@ -46,6 +48,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lora_lab.layers import lora_delta
+from lora_lab.sizing import bits_per_param_formula, weight_memory
 
 __all__ = [
     "NF4_CODE",
@@ -664,13 +669,6 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def bits_per_param_formula(blocksize: int = 64, double_quant: bool = False) -> float:
-    """4 bits per weight plus the scales: 32/blocksize, or 8/blocksize + 32/(blocksize*256) with DQ."""
-    if double_quant:
-        return 4 + 8 / blocksize + 32 / (blocksize * NESTED_BLOCKSIZE)
-    return 4 + 32 / blocksize
-
-
 def bits_per_param(blocksize: int = 64, double_quant: bool = False, n_nested_blocks: int = 16) -> float:
     """Bits per parameter MEASURED from the storage of a real quantized tensor.
 
@@ -684,42 +682,21 @@ def bits_per_param(blocksize: int = 64, double_quant: bool = False, n_nested_blo
     return 8 * (packed.numel() * packed.element_size() + state.nbytes()) / n
 
 
-# name: (hidden, intermediate, layers, vocab); Llama-1 shapes (7B, 13B, 65B as in the QLoRA paper)
-LLAMA_SHAPES = {
-    "7B": (4096, 11008, 32, 32000),
-    "13B": (5120, 13824, 40, 32000),
-    "65B": (8192, 22016, 80, 32000),
-}
+# The QLoRA paper's models (Llama-1 7B, 13B, 65B) by the shipped shape they have: Llama-2 7B and 13B
+# have Llama-1's shapes (only the context differs).
+LLAMA_SHAPES = {"7B": "llama-2-7b", "13B": "llama-2-13b", "65B": "llama-65b"}
 
 
-def llama_weight_memory(
-    shape: str | tuple[int, int, int, int], blocksize: int = 64, double_quant: bool = True
-) -> dict[str, float]:
-    """Weight memory (bytes, weights only: no activations, optimizer state or KV cache) of a Llama.
+def llama_weight_memory(shape: str, blocksize: int = 64, double_quant: bool = True) -> dict[str, float]:
+    """Weight memory of the QLoRA paper's Llama `shape` (a key of LLAMA_SHAPES): `sizing.weight_memory`.
 
-    `shape` is a key of LLAMA_SHAPES or (hidden, intermediate, layers, vocab). Returns the parameter
-    count and bytes in fp32, bf16, and NF4 the way QLoRA/transformers do it: the seven projections of
-    every block in 4 bits (at `bits_per_param_formula`), embeddings, lm_head and norms in bf16.
+    Returns the parameter count and bytes in fp32, bf16, and NF4 the way QLoRA/transformers do it: the
+    seven projections of every block in 4 bits (at `bits_per_param_formula`), embeddings, lm_head and
+    norms in bf16.
     """
-    if isinstance(shape, str):
-        if shape not in LLAMA_SHAPES:
-            raise ValueError(
-                f"unknown shape {shape!r}; use one of {list(LLAMA_SHAPES)} or (hidden, inter, layers, vocab)"
-            )
-        shape = LLAMA_SHAPES[shape]
-    hidden, inter, layers, vocab = shape
-    linear = layers * (4 * hidden * hidden + 3 * hidden * inter)  # q, k, v, o + gate, up, down
-    other = 2 * vocab * hidden + layers * 2 * hidden + hidden  # embed, lm_head, 2 norms per block, final norm
-    params = linear + other
-    bits = bits_per_param_formula(blocksize, double_quant)
-    return {
-        "params": params,
-        "quantized_params": linear,
-        "fp32_bytes": 4 * params,
-        "bf16_bytes": 2 * params,
-        "nf4_bytes": linear * bits / 8 + 2 * other,
-        "bits_per_param": bits,
-    }
+    if shape not in LLAMA_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; use one of {list(LLAMA_SHAPES)}")
+    return weight_memory(LLAMA_SHAPES[shape], blocksize, double_quant)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -770,7 +747,7 @@ def _lora_delta(layer: nn.Module) -> torch.Tensor:
         return layer.delta_weight()
     if callable(getattr(layer, "get_delta_weight", None)):  # PEFT: one entry per adapter name
         return layer.get_delta_weight(layer.active_adapters[0])
-    return layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())  # [out, r] @ [r, in]
+    return lora_delta(layer.lora_A.weight.float(), layer.lora_B.weight.float(), layer.scaling)  # [out, in]
 
 
 def _options_text() -> str:

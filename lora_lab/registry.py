@@ -56,7 +56,7 @@ from lora_lab.adapters import (
     read_adapter,
     split_peft_key,
 )
-from lora_lab.layers import LoRALinear, base_in_out_features, is_conv1d, lora_scaling
+from lora_lab.layers import LoRALinear, base_in_out_features, is_conv1d, lora_delta, lora_scaling
 from lora_lab.serving import AdapterStacks, MultiLoRALinear, stack_adapters
 
 __all__ = ["AdapterRegistry", "HostAdapter", "group_by_layer"]
@@ -485,7 +485,6 @@ class AdapterRegistry:
         """B @ A * scaling in the base weight's layout, device and dtype."""
         adapter = self._host[name]
         weight_A, weight_B = adapter.weights[layer_name]  # [r, in], [out, r]
-        delta = (weight_B @ weight_A) * adapter.layer_scaling(layer_name)  # [out, in]
-        if is_conv1d(self.model.get_submodule(layer_name).base_layer):
-            delta = delta.T  # Conv1D stores its weight [in, out]
+        conv1d = is_conv1d(self.model.get_submodule(layer_name).base_layer)  # Conv1D stores [in, out]
+        delta = lora_delta(weight_A, weight_B, adapter.layer_scaling(layer_name), fan_in_fan_out=conv1d)
         return delta.to(weight.device, weight.dtype)

@@ -54,6 +54,9 @@ __all__ = [
     "generate_text",
 ]
 
+RowNames = Sequence[str | None]  # one adapter name per row of a batch (None: the base model)
+Mask = torch.Tensor | None  # attention mask [batch, seq] (1 = token, 0 = padding), or None
+
 
 class MultiLoRALinear(nn.Module):
     """A frozen linear layer plus, for each row of the batch, that row's LoRA patch.
@@ -154,7 +157,7 @@ class AdapterStacks:
         self.slots = slots
         self.layers = layers
 
-    def ids(self, adapter_names: Sequence[str | None], device: torch.device | None = None) -> torch.Tensor:
+    def ids(self, adapter_names: RowNames, device: torch.device | None = None) -> torch.Tensor:
         """Per-row slot ids [batch] for a list of adapter names (None = base model)."""
         return torch.tensor([self.slots[name] for name in adapter_names], dtype=torch.long, device=device)
 
@@ -163,7 +166,7 @@ class AdapterStacks:
         return sum(t.numel() * t.element_size() for triple in self.layers.values() for t in triple)
 
 
-def _check_names(registry, adapter_names: Sequence[str | None]) -> list[str]:
+def _check_names(registry, adapter_names: RowNames) -> list[str]:
     """Validate a per-row list of adapter names; return the distinct adapters it uses."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not len(adapter_names):
         raise TypeError(
@@ -176,7 +179,7 @@ def _check_names(registry, adapter_names: Sequence[str | None]) -> list[str]:
     return unique
 
 
-def stack_adapters(registry, adapter_names: Sequence[str | None]) -> AdapterStacks:
+def stack_adapters(registry, adapter_names: RowNames) -> AdapterStacks:
     """Build the stacks for the adapters a batch uses (fetching them to the device, LRU).
 
     Raises ValueError if the batch uses more different adapters than fit on the device at once.
@@ -216,7 +219,7 @@ def stack_adapters(registry, adapter_names: Sequence[str | None]) -> AdapterStac
     return AdapterStacks(slots, layers)
 
 
-def mixed_batch(registry, adapter_names: Sequence[str | None]):
+def mixed_batch(registry, adapter_names: RowNames):
     """Within the block, row i of every forward pass uses adapter `adapter_names[i]` (None: base).
 
     `registry.mixed_batch(adapter_names)`, as a function beside `forward` and `generate`: the
@@ -225,7 +228,7 @@ def mixed_batch(registry, adapter_names: Sequence[str | None]):
     return registry.mixed_batch(adapter_names)
 
 
-def _check_rows(input_ids: torch.Tensor, adapter_names: Sequence[str | None]) -> None:
+def _check_rows(input_ids: torch.Tensor, adapter_names: RowNames) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != len(adapter_names):
         raise ValueError(
             f"input_ids has shape {list(input_ids.shape)} but {len(adapter_names)} adapter names were given; "
@@ -235,10 +238,7 @@ def _check_rows(input_ids: torch.Tensor, adapter_names: Sequence[str | None]) ->
 
 @torch.no_grad()
 def forward(
-    registry,
-    input_ids: torch.Tensor,
-    adapter_names: Sequence[str | None],
-    attention_mask: torch.Tensor | None = None,
+    registry, input_ids: torch.Tensor, adapter_names: RowNames, attention_mask: Mask = None
 ) -> torch.Tensor:
     """Logits [batch, seq, vocab] of one forward pass where row i uses adapter_names[i]."""
     _check_names(registry, adapter_names)
@@ -251,8 +251,8 @@ def forward(
 def generate(
     registry,
     input_ids: torch.Tensor,
-    adapter_names: Sequence[str | None],
-    attention_mask: torch.Tensor | None = None,
+    adapter_names: RowNames,
+    attention_mask: Mask = None,
     max_new_tokens: int = 16,
     **generate_kwargs,
 ) -> torch.Tensor:
@@ -287,7 +287,7 @@ def generate_text(
     registry,
     tokenizer,
     prompts: Sequence[str],
-    adapter_names: Sequence[str | None],
+    adapter_names: RowNames,
     max_new_tokens: int = 16,
     **generate_kwargs,
 ) -> list[str]:

@@ -1,7 +1,7 @@
 """Size real models without downloading them: parameter counts, LoRA counts, memory, file size.
 
 The shapes of well-known models ship as config JSON in `data/model_shapes/` (Llama-2-7B, 13B,
-70B, OPT-350m and GPT-3 175B written as a GPT-2-architecture config). A model is built from its
+70B, LLaMA-65B, OPT-350m and GPT-3 175B written as a GPT-2-architecture config). A model is built from its
 config on PyTorch's "meta" device: every tensor has a shape and a dtype but no storage, so a
 70-billion-parameter model "exists" in a second and zero bytes, and the same lora_lab code that
 trains the tiny model counts the big one:
@@ -10,8 +10,11 @@ trains the tiny model counts the big one:
     lora_trainable("llama-2-7b", r=16, target_modules=LLAMA_ALL) # 39,976,960
     trainable_line("llama-2-7b", 16, LLAMA_ALL)                  # PEFT's printed line
     memory_estimate("llama-2-7b", "qlora", r=16)                 # bytes: weights, grads, Adam, ...
+    weight_memory("llama-65b")                                   # weights in fp32, bf16 and NF4
     adapter_file_bytes("llama-2-7b", 16, LLAMA_ALL)              # exact adapter_model.safetensors size
 
+This is lora_lab's one memory calculator: `lora_lab.nf4` measures the bytes of real quantized
+tensors and answers its chapter's model-scale questions through the functions here.
 Memory estimates count what is certain from the shapes: weights, gradients, optimizer state
 (AdamW: two fp32 moments per trainable parameter) and, for mixed-precision full fine-tuning, the
 fp32 master copy. Activations depend on batch, sequence length and checkpointing: pass them in.
@@ -45,7 +48,8 @@ __all__ = [
     "lora_trainable",
     "trainable_line",
     "quantizable_params",
-    "nf4_bytes_per_param",
+    "bits_per_param_formula",
+    "weight_memory",
     "memory_estimate",
     "safetensors_bytes",
     "adapter_file_bytes",
@@ -112,6 +116,7 @@ def trainable_line(name: str, r: int, target_modules: list[str] | str = "all-lin
     return trainable_parameters_line(model)
 
 
+@cache
 def quantizable_params(name: str) -> int:
     """Parameters in the linear layers 4-bit loading quantizes: every nn.Linear except the output head.
 
@@ -131,18 +136,36 @@ def quantizable_params(name: str) -> int:
     return total
 
 
-def nf4_bytes_per_param(blocksize: int = 64, double_quant: bool = True) -> float:
-    """Storage per weight in NF4: 4 bits, plus one absmax constant per block.
+def bits_per_param_formula(blocksize: int = 64, double_quant: bool = False) -> float:
+    """Storage per weight in NF4, in bits: 4 bits, plus one absmax constant per block.
 
     Without double quantization the absmax is fp32: 32 / 64 = 0.5 extra bits per weight. With it,
-    the absmax values are themselves 8-bit with one fp32 constant per 256 of them:
-    8 / 64 + 32 / (64 * 256) = 0.127 bits (QLoRA paper, section 3).
+    the absmax values are themselves 8-bit with one fp32 constant per 256 of them (the nested block
+    size, `nf4.NESTED_BLOCKSIZE`): 8 / 64 + 32 / (64 * 256) = 0.127 bits (QLoRA paper, section 3).
+    The one NF4 storage formula of lora_lab (`nf4.bits_per_param` measures it on a real tensor).
     """
     if double_quant:
-        extra_bits = 8 / blocksize + 32 / (blocksize * 256)
-    else:
-        extra_bits = 32 / blocksize
-    return (4 + extra_bits) / 8
+        return 4 + 8 / blocksize + 32 / (blocksize * 256)
+    return 4 + 32 / blocksize
+
+
+def weight_memory(name: str, blocksize: int = 64, double_quant: bool = True) -> dict:
+    """Weight memory (bytes, weights only: no activations, optimizer state or KV cache) of a shipped shape.
+
+    Returns the parameter count, the parameters 4-bit loading quantizes (`quantizable_params`) and the
+    bytes in fp32, bf16, and NF4 the way QLoRA/transformers store it: those linear layers at
+    `bits_per_param_formula` bits, everything else (embeddings, lm_head, norms) in bf16.
+    """
+    params, linear = count_params(name), quantizable_params(name)
+    bits = bits_per_param_formula(blocksize, double_quant)
+    return {
+        "params": params,
+        "quantized_params": linear,
+        "fp32_bytes": 4 * params,
+        "bf16_bytes": 2 * params,
+        "nf4_bytes": linear * bits / 8 + 2 * (params - linear),
+        "bits_per_param": bits,
+    }
 
 
 def memory_estimate(
@@ -166,7 +189,7 @@ def memory_estimate(
              (master_weights; default on): 2 + 2 + 8 + 4 = 16 bytes per parameter.
     - lora:  frozen base in `weight_bytes`; the adapter is fp32 (as PEFT keeps it) with fp32
              gradients and AdamW moments: 4 + 4 + 8 = 16 bytes per trainable parameter.
-    - qlora: as lora, but the base linear layers are NF4 (`nf4_bytes_per_param`).
+    - qlora: as lora, but the base linear layers are NF4 (`bits_per_param_formula`, blocksize 64).
     activation_bytes: pass your own figure (it depends on batch, sequence and checkpointing).
     """
     if method not in ("full", "lora", "qlora"):
@@ -187,10 +210,8 @@ def memory_estimate(
             weights = params * weight_bytes + trainable * 4
         else:
             quantized = quantizable_params(name)
-            base = (
-                quantized * nf4_bytes_per_param(double_quant=double_quant)
-                + (params - quantized) * weight_bytes
-            )
+            nf4_bytes = quantized * bits_per_param_formula(64, double_quant) / 8
+            base = nf4_bytes + (params - quantized) * weight_bytes
             weights = math.ceil(base) + trainable * 4
         gradients = trainable * 4
     optimizer = trainable * adam_bytes_per_param

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lora_lab.inject import parameter_count
+
 __all__ = [
     "train",
     "batch_rows",
@@ -259,7 +261,7 @@ def train(
         "steps": len(losses),
         "seconds": time.perf_counter() - start,
         "tokens": tokens,
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": sum(parameter_count(p) for p in params),
     }
 
 

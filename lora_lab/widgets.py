@@ -193,6 +193,7 @@ def update_stats(model) -> dict:
     import torch
 
     from lora_lab.inject import lora_layers
+    from lora_lab.layers import lora_delta
 
     sq_update = sq_a = sq_b = 0.0
     directions = []
@@ -200,7 +201,7 @@ def update_stats(model) -> dict:
         for _, layer in lora_layers(model):
             a = layer.lora_A.weight.float()  # [r, in]
             b = layer.lora_B.weight.float()  # [out, r]
-            sq_update += float((layer.scaling * (b @ a)).pow(2).sum())  # dW: [out, in]
+            sq_update += float(lora_delta(a, b, layer.scaling).pow(2).sum())  # dW: [out, in]
             directions.append(layer.scaling * b.norm(dim=0) * a.norm(dim=1))  # [r]
             sq_a += float(a.pow(2).sum())
             sq_b += float(b.pow(2).sum())
@@ -217,9 +218,10 @@ def flat_update(model):
     import torch
 
     from lora_lab.inject import lora_layers
+    from lora_lab.layers import lora_delta
 
     with torch.no_grad():
-        return torch.cat([(layer.scaling * (layer.lora_B.weight @ layer.lora_A.weight)).flatten()
+        return torch.cat([lora_delta(layer.lora_A.weight, layer.lora_B.weight, layer.scaling).flatten()
                           for _, layer in lora_layers(model)])  # fmt: skip
 
 

@@ -111,16 +111,8 @@ def to_peft_config(config, **overrides):
     """The PEFT LoraConfig equal to a lora_lab LoRAConfig (task_type CAUSAL_LM)."""
     from peft import LoraConfig
 
-    kwargs = dict(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        use_rslora=config.use_rslora,
-        init_lora_weights=config.init_lora_weights,
-        bias=config.bias,
-        task_type="CAUSAL_LM",
-    )
+    same = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights", "bias")
+    kwargs = {key: getattr(config, key) for key in same} | {"task_type": "CAUSAL_LM"}
     return LoraConfig(**(kwargs | overrides))
 
 
@@ -201,6 +193,34 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_llama(tmp_path_factory):
+    """`build_tiny("llama")` saved as a folder, for transformers' own loading paths (4-bit included)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    build_tiny("llama").save_pretrained(path)
+    return path
+
+
+def load_4bit(path, dtype=torch.float32):
+    """A model folder loaded in 4 bits through transformers' `BitsAndBytesConfig` (NF4, double
+    quantization) on CPU, kept off bitsandbytes' AVX512-BF16 repacking (`bnb_cpu.disable_cpu_repacking`)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_lab.bnb_cpu import disable_cpu_repacking
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, dtype=dtype, device_map="cpu"
+    )
+    disable_cpu_repacking(model)
+    return model
 
 
 def load_benchmark(name: str):

@@ -51,7 +51,7 @@ def test_yaml_numbers_without_a_dot_are_read_as_numbers(tmp_path):
 
 def test_unknown_task_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown task 'sqll'; valid tasks: support, sql, shift"):
-        cli.config_from_dict({"task": "sqll"})
+        cli.train_config_from_dict({"task": "sqll"})
 
 
 def test_mistyped_key_is_named_with_a_suggestion_and_the_valid_keys(tmp_path):
@@ -65,13 +65,13 @@ def test_mistyped_key_is_named_with_a_suggestion_and_the_valid_keys(tmp_path):
 
 def test_unknown_key_without_a_close_match_still_lists_the_valid_keys():
     with pytest.raises(ValueError, match=r"unknown key 'colour'\. Valid keys: task"):
-        cli.config_from_dict({"colour": "blue"})
+        cli.train_config_from_dict({"colour": "blue"})
 
 
 @pytest.mark.parametrize("steps", [0, -5])
 def test_steps_must_be_positive(steps):
     with pytest.raises(ValueError, match="steps must be a positive number"):
-        cli.config_from_dict({"steps": steps})
+        cli.train_config_from_dict({"steps": steps})
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_steps_must_be_positive(steps):
 )
 def test_bad_values_say_which_key(raw, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        cli.config_from_dict(raw)
+        cli.train_config_from_dict(raw)
 
 
 def test_missing_or_invalid_yaml_file(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TARGETS, build_tiny, copy_lora_into_peft, tiny_inputs, to_peft_config
+from conftest import TARGETS, build_tiny, copy_lora_into_peft, load_4bit, tiny_inputs, to_peft_config
 from peft import get_peft_model
 
 from lora_lab.inject import (
@@ -278,6 +278,23 @@ def test_count_parameters_counts_lora_lab_nf4_weights_as_the_weights_they_stand_
     add_lora(model, LoRAConfig(r=4, lora_alpha=4, target_modules=["0"]))
     mark_only_lora_as_trainable(model)
     assert count_parameters(model) == (4 * 128 + 64 * 4, 128 * 64 + 64 + 4 * 128 + 64 * 4)
+
+
+def test_count_parameters_counts_bitsandbytes_4bit_weights_as_peft_does(saved_tiny_llama):
+    """A bitsandbytes `Params4bit` of shape [n/2, 1] (uint8) holds n weights: counted as n, as PEFT's
+    `get_nb_trainable_parameters` does, so the 4-bit model has as many parameters as the fp32 one."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    quantized = load_4bit(saved_tiny_llama)
+    full = count_parameters(AutoModelForCausalLM.from_pretrained(saved_tiny_llama))[1]
+    assert count_parameters(quantized)[1] == full
+    assert sum(p.numel() for p in quantized.parameters()) < full  # numel() alone counts packed bytes
+    theirs = get_peft_model(
+        quantized, to_peft_config(LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    )
+    assert count_parameters(theirs) == theirs.get_nb_trainable_parameters()
+    assert count_parameters(theirs)[0] > 0
 
 
 def test_disable_adapter_gives_the_base_model_for_the_block(tiny_kind):

@@ -76,3 +76,16 @@ def test_is_bundled_follows_the_name_and_the_environment(monkeypatch, tmp_path):
     assert not is_bundled(tmp_path) and not is_bundled("HuggingFaceTB/SmolLM2-135M")
     monkeypatch.setenv(BASE_MODEL_ENV, str(tmp_path))
     assert not is_bundled() and is_bundled(TINY_BASE_DIR)
+
+
+def test_count_parameters_counts_a_4bit_model_in_full(saved_tiny_llama):
+    """It counted a bitsandbytes 4-bit model short: a packed [n/2, 1] uint8 weight holds n weights.
+    (`inject.count_parameters`, which it counts through, is checked against PEFT in test_inject.)"""
+    from conftest import load_4bit
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(saved_tiny_llama)
+    assert models.count_parameters(load_4bit(saved_tiny_llama)) == models.count_parameters(full)
+    full.requires_grad_(False)
+    full.lm_head.requires_grad_(True)
+    assert models.count_parameters(full, trainable_only=True) == full.lm_head.weight.numel()

@@ -16,6 +16,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bF
 import pytest
 import torch
+from conftest import load_4bit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -322,17 +323,6 @@ def test_llama_weight_memory():
         nf4.llama_weight_memory("8B")
 
 
-def test_llama_weight_memory_agrees_with_sizing():
-    sizing = pytest.importorskip("lora_lab.sizing")
-    if "llama-2-13b" not in sizing.available_shapes():
-        pytest.skip("model shapes are not shipped yet")
-    # Llama-2 7B/13B have the Llama-1 shapes
-    assert nf4.llama_weight_memory("7B")["params"] == sizing.count_params("llama-2-7b")
-    assert nf4.llama_weight_memory("13B")["params"] == sizing.count_params("llama-2-13b")
-    assert nf4.llama_weight_memory("13B")["quantized_params"] == sizing.quantizable_params("llama-2-13b")
-    assert nf4.bits_per_param_formula(64, True) == pytest.approx(8 * sizing.nf4_bytes_per_param(64, True))
-
-
 # ---------------------------------------------------------------------------- the 4-bit layer
 
 
@@ -451,29 +441,6 @@ def test_model_bytes_counts_bnb_quant_state():
 # ---------------------------------------------------------------------------- transformers loading
 
 
-@pytest.fixture(scope="module")
-def saved_tiny_llama(tmp_path_factory):
-    from conftest import build_tiny
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    build_tiny("llama").save_pretrained(path)
-    return path
-
-
-def _load_4bit(path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-    )
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, dtype=dtype, device_map="cpu"
-    )
-
-
 def _load_full(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -482,7 +449,7 @@ def _load_full(path, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_transformers_bitsandbytes_config_gives_the_same_weights(saved_tiny_llama, dtype):
-    quantized = _load_4bit(saved_tiny_llama, dtype)
+    quantized = load_4bit(saved_tiny_llama, dtype)
     ours = nf4.quantize_model(_load_full(saved_tiny_llama, dtype), double_quant=True, compute_dtype=dtype)
     checked = 0
     for name, module in quantized.named_modules():  # raw buffers first, before any forward
@@ -524,7 +491,7 @@ def test_qlora_lora_lab_over_nf4linear_equals_peft_over_bnb(saved_tiny_llama):
     for module in ours.modules():
         if isinstance(module, LoRALinear):
             nn.init.normal_(module.lora_B.weight, std=0.1)  # a non-zero patch
-    theirs = get_peft_model(_load_4bit(saved_tiny_llama), to_peft_config(config))
+    theirs = get_peft_model(load_4bit(saved_tiny_llama), to_peft_config(config))
     bnb_cpu.disable_cpu_repacking(theirs)  # in_features 32 < blocksize 64: repacking would crash
     peft_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
     assert type(peft_layer).__module__ == "peft.tuners.lora.bnb" and type(peft_layer).__name__ == "Linear4bit"

@@ -14,7 +14,14 @@ LLAMA7_LINE = "trainable params: 39,976,960 || all params: 6,778,392,576 || trai
 
 
 def test_shipped_shapes_and_their_parameter_counts():
-    assert sizing.available_shapes() == ["gpt3-175b", "llama-2-13b", "llama-2-70b", "llama-2-7b", "opt-350m"]
+    assert sizing.available_shapes() == [
+        "gpt3-175b",
+        "llama-2-13b",
+        "llama-2-70b",
+        "llama-2-7b",
+        "llama-65b",
+        "opt-350m",
+    ]
     assert sizing.count_params("llama-2-7b") == 6_738_415_616
     assert sizing.count_params("llama-2-13b") == 13_015_864_320
     assert sizing.count_params("llama-2-70b") == 68_976_648_192  # grouped-query attention: 8 kv heads
@@ -64,7 +71,20 @@ def test_memory_estimates_follow_bytes_per_parameter():
     assert q == n - 2 * 32000 * 4096 - (2 * 32 + 1) * 4096  # all but embeddings, lm_head and norms
 
 
-def test_nf4_bytes_per_param_matches_bitsandbytes_storage():
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-2-13b", "llama-65b"])
+def test_weight_memory_of_a_llama_equals_the_count_from_its_shape(name):
+    """The meta model's counts equal the Llama formula: 4 h^2 + 3 h i per block in the linear layers,
+    plus embeddings and lm_head (2 v h) and the norms (2 h per block, one final)."""
+    cfg = sizing.shape_config(name)
+    h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    m = sizing.weight_memory(name, double_quant=False)
+    assert m["quantized_params"] == n * (4 * h * h + 3 * h * i)
+    assert m["params"] == m["quantized_params"] + 2 * v * h + n * 2 * h + h
+    assert m["nf4_bytes"] == m["quantized_params"] * 4.5 / 8 + 2 * (m["params"] - m["quantized_params"])
+    assert m["fp32_bytes"] == 2 * m["bf16_bytes"] == 4 * m["params"]
+
+
+def test_bits_per_param_formula_matches_bitsandbytes_storage():
     bnb = pytest.importorskip("bitsandbytes")
     w = torch.randn(256, 256)
     for double in (True, False):
@@ -73,8 +93,13 @@ def test_nf4_bytes_per_param_matches_bitsandbytes_storage():
         stored = p.numel() * p.element_size() + qs.absmax.numel() * qs.absmax.element_size()
         if double:
             stored += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
-        assert stored == w.numel() * sizing.nf4_bytes_per_param(double_quant=double)
-    assert (sizing.nf4_bytes_per_param() * 8 - 4) == pytest.approx(0.127, abs=5e-4)  # QLoRA's 0.127 bits
+        assert 8 * stored == w.numel() * sizing.bits_per_param_formula(64, double_quant=double)
+    assert sizing.bits_per_param_formula(64, double_quant=True) - 4 == pytest.approx(
+        0.127, abs=5e-4
+    )  # QLoRA's 0.127 bits
+    assert (
+        sizing.bits_per_param_formula() == 4.5
+    )  # without double quantization by default, as nf4.quantize_4bit
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
