@@ -329,7 +329,8 @@ for k, v in cost.items():
 fast = cost["set_adapter"] * 10
 print("set_adapter at least 10x cheaper than merge + unmerge:",
       fast < cost["merge + unmerge"])
-assert fast < cost["merge + unmerge"]
+if lora_lab.models.is_bundled(BASE_MODEL):  # a timing, measured on this model
+    assert fast < cost["merge + unmerge"]
 
 # %% [markdown]
 # ### Many adapters, a small device: an LRU cache
