@@ -159,21 +159,25 @@ def _fp32_scales(quant_state) -> torch.Tensor:
     return (bnbF.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
 
 
-def portable_dequantize_4bit(packed: torch.Tensor, quant_state) -> torch.Tensor:
-    """bitsandbytes' own portable torch dequantization (`backends/default/ops.py`), on any CPU.
-
-    It is what bitsandbytes runs where the native kernel is not registered; torch.compile is turned
-    off around it (same numbers, no compile time).
-    """
+def _portable_kernel(A, absmax, blocksize, quant_type, shape, dtype) -> torch.Tensor:
+    """bitsandbytes' portable `dequantize_4bit` kernel (the op's signature), torch.compile off."""
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
     from bitsandbytes.backends.utils import _get_4bit_code
 
-    code = _get_4bit_code(quant_state.quant_type, packed.device)
-    with torch._dynamo.config.patch(disable=True):
-        flat = packed.reshape(-1).view(torch.uint8)
+    code = _get_4bit_code(quant_type, A.device)
+    with torch._dynamo.config.patch(disable=True):  # same numbers, no compile time
         return _dequantize_4bit_compute(
-            flat, _fp32_scales(quant_state), code, quant_state.blocksize, quant_state.shape, quant_state.dtype
+            A.view(torch.uint8).reshape(-1), absmax, code, blocksize, shape, dtype
         )
+
+
+def portable_dequantize_4bit(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """bitsandbytes' own portable torch dequantization (`backends/default/ops.py`), on any CPU.
+
+    It is what bitsandbytes runs where the native kernel is not registered.
+    """
+    qs = quant_state
+    return _portable_kernel(packed, _fp32_scales(qs), qs.blocksize, qs.quant_type, qs.shape, qs.dtype)
 
 
 def compare_native_dequantize(packed: torch.Tensor, quant_state, native: Callable | None = None) -> str:
@@ -222,20 +226,10 @@ def portable_dequantize() -> Iterator[None]:
     caller gets right values: bitsandbytes' own 4-bit matmul (with or without gradients), PEFT's merge
     and its LoftQ initialisation. On leaving, bitsandbytes' own kernel is back.
     """
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-    from bitsandbytes.backends.utils import _get_4bit_code
-
-    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
-        code = _get_4bit_code(quant_type, A.device)
-        with torch._dynamo.config.patch(disable=True):
-            return _dequantize_4bit_compute(
-                A.view(torch.uint8).reshape(-1), absmax, code, blocksize, shape, dtype
-            )
-
     library = torch.library.Library("bitsandbytes", "IMPL")
     with warnings.catch_warnings():  # torch warns once that a kernel is overridden: that is the point
         warnings.simplefilter("ignore")
-        library.impl("dequantize_4bit", dequantize_4bit, "CPU")
+        library.impl("dequantize_4bit", _portable_kernel, "CPU")
     try:
         yield
     finally:
