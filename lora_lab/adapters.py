@@ -46,6 +46,7 @@ from torch import nn
 
 from lora_lab.inject import LoRAConfig, add_lora, has_lora, lora_layers, resolve_target_modules
 from lora_lab.layers import base_in_out_features, lora_scaling
+from lora_lab.paths import REPO_ROOT
 
 __all__ = [
     "CONFIG_NAME",
@@ -328,6 +329,17 @@ def _write_adapter_folder(folder: Path, tensors: dict[str, torch.Tensor], conten
     return folder
 
 
+def _portable_model_path(name_or_path: str | None) -> str | None:
+    """A base model inside this repository is named relative to it (`data/models/tiny-base`), not by
+    this machine's absolute path, so a saved adapter reads the same on every machine."""
+    if name_or_path is None:
+        return None
+    try:
+        return Path(name_or_path).resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:  # a Hub id or a folder elsewhere: kept as given
+        return name_or_path
+
+
 def _adapter_files(
     model: nn.Module, config: LoRAConfig | None, base_model_name_or_path: str | None
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -358,7 +370,7 @@ def _adapter_files(
             "rank_pattern / alpha_pattern)"
         )
     if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        base_model_name_or_path = _portable_model_path(getattr(model, "name_or_path", None) or None)
     content = adapter_config_dict(
         config,
         _targets_for_file(model, config, [n for n, _ in layers]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from lora_lab.adapters import (
 )
 from lora_lab.inject import LoRAConfig, add_lora, lora_layers
 from lora_lab.merge import merge_adapters
+from lora_lab.paths import REPO_ROOT
 
 
 def _trained(kind="llama", **kwargs):
@@ -400,6 +402,15 @@ def test_bundled_model_round_trip_with_peft(tmp_path):
     theirs = PeftModel.from_pretrained(build_tiny("tiny-base"), tmp_path).eval()
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     assert (_logits(ours, ids) - _logits(theirs, ids)).abs().max().item() <= 1e-6
+    # The bundled base is named relative to the repository, not by this machine's path.
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == "data/models/tiny-base"
+
+
+def test_committed_adapters_name_no_machine_path():
+    for config_file in sorted((REPO_ROOT / "data" / "adapters").glob("*/adapter_config.json")):
+        name = json.loads(config_file.read_text())["base_model_name_or_path"]
+        assert not Path(name).is_absolute(), f"{config_file} names the base by an absolute path: {name}"
 
 
 @pytest.mark.parametrize("start", ["fresh-eval", "fresh-train", "has-lora"])
