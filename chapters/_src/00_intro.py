@@ -19,10 +19,11 @@
 # **Who this book is for.** Software engineers who know what a compiler, a linker and a
 # shared library are, and need no machine learning beyond that. One of the book's two
 # sources was written in Chinese for Go programmers; if that is you, your toolchain already
-# holds the book's central choice. `go build` links a pure-Go program into one static
-# executable, which is what merging an adapter does, and the `plugin` package opens a `.so`
-# built with `-buildmode=plugin` in a running program, which is what switching adapters
-# does (chapter 07 compares the two). The code is Python; the engineering is yours.
+# holds the book's central choice. `go build` links a program and all its Go packages into
+# one self-contained executable, which is what merging an adapter does, and the `plugin`
+# package opens a `.so` built with `-buildmode=plugin` in a running program, which is what
+# switching adapters does (chapter 07 compares the two). The code is Python; the
+# engineering is yours.
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
