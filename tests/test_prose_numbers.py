@@ -75,6 +75,7 @@ def test_chapters_paste_most_of_their_numbers(pages):
         ("$W_0 + BA$ with $d^2$ and $0.5$", ["0.5"]),  # decimals in math count
         ("```python\nx = 12\n```\n", []),  # code
         ("```{admonition} Solution 1\n:class: dropdown\nIt is 12.\n```\n", ["12"]),
+        ("**1.** Which? (a) 12 (b) r=8", ["12"]),  # a self-check's number is structure
     ],
 )
 def test_the_scanner_finds_typed_numbers(text, typed):

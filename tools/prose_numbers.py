@@ -14,7 +14,8 @@ What is not a number here (structure, not a result):
   inside math (formula constants and shapes; decimals in math are numbers);
 - names: digits inside a word or glued to one (fp16, Llama-2-7B, GPT-3, 175B, q_proj);
 - chapter numbers ("chapter 04", "chapters 03-05", the "# 04 ·" heading), exercise and solution
-  numbers, list markers ("1. ", "(2)"), years (1990-2039);
+  numbers, list markers ("1. ", "(2)"), self-check question numbers ("**1.**"),
+  years (1990-2039);
 - links, URLs, cross-references and citations;
 - the pasted roles themselves ({glue:text}`key`).
 
@@ -119,6 +120,7 @@ STRUCTURE = [
     re.compile(r"(?i)\b(?:claims?|row)\s+#?\d+"),
     re.compile(r"^#+\s+\d\d\s+\u00b7", re.M),  # "# 04 · r and alpha"
     re.compile(r"^\s*(?:\d+\.|\(\d+\))\s", re.M),  # list markers
+    re.compile(r"^\*\*\d+\.\*\*\s", re.M),  # self-check question numbers ("**1.** ...")
     re.compile(r"\(\d\)"),  # inline enumerations
     re.compile(r"(?<![\d.,])(?:199\d|20[0-3]\d)(?![\d.,%])"),  # years
     re.compile(r"^\|\s*#\s*\|.*$|^\|\s*\d+b?\s*\|", re.M),  # ledger row numbers

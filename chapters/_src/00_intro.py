@@ -15,6 +15,15 @@
 # notebook as shown. (2) Colab: the rocket icon opens this notebook on a GPU; the first
 # (hidden) cell installs LoRA Lab and keeps Colab's torch. (3) Locally and offline:
 # `make lab` in a clone; everything runs on a laptop CPU in minutes.
+#
+# **Who this book is for.** Software engineers who know what a compiler, a linker and a
+# shared library are, and need no machine learning beyond that. One of the book's two
+# sources was written in Chinese for Go programmers; if that is you, your toolchain already
+# holds the book's central choice. `go build` links a program and all its Go packages into
+# one self-contained executable, which is what merging an adapter does, and the `plugin`
+# package opens a `.so` built with `-buildmode=plugin` in a running program, which is what
+# switching adapters does (chapter 07 compares the two). The code is Python; the
+# engineering is yours.
 
 # %% tags=["hide-cell"]
 # Colab setup: installs LoRA Lab in Google Colab (keeping Colab's own
@@ -208,6 +217,42 @@ print("base says:", answer)
 assert not evaluate.score_sql(answer, example["sql"])
 
 # %% [markdown]
+# ## Check yourself
+#
+# **1.** Full fine-tuning with AdamW needs memory for what, per parameter?
+# (a) the weight only (b) the weight and its gradient (c) the weight, its gradient and
+# Adam's two moments (plus an fp32 master copy in mixed precision) (d) only the activations
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (c): that is where {glue:text}`bytes_per_param` bytes per parameter come from; the
+# training state, not the weights, dominates the bill.
+# ```
+#
+# **2.** At 7B scale, which part of that bill does LoRA cut?
+# (a) the frozen weights, which it stores in fewer bytes (b) the gradients and optimizer
+# state, which exist only for the small trainable patch (c) the activations, entirely
+# (d) none: LoRA only makes the saved file smaller
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): the base weights still have to be loaded for the forward pass; gradients and Adam's
+# moments are kept only for $A$ and $B$ (the table asserts an optimizer state over a hundred
+# times smaller).
+# ```
+#
+# **3.** The bundled model answers its knowledge probes well but none of the three tasks.
+# What does it lack?
+# (a) knowledge of its world (b) a bigger vocabulary (c) the narrow skill each task needs,
+# which is what a LoRA patch adds (d) enough parameters to learn anything
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (c): the probes show it knows its world, and it has seen chats and SQL, but its zero-shot
+# task accuracy is near zero (both asserted above). A capable base missing one narrow skill
+# is the situation LoRA is for.
+# ```
+#
 # ## Summary
 #
 # - A 7B model is {glue:text}`b_7b` billion parameters: {glue:text}`gb_7b` GB in fp16 before

@@ -551,6 +551,41 @@ glue("llama_b", sizing.count_params("llama-2-7b") / 1e9, ".1f")
 # | forgetting | {glue:text}`lost_full` of {glue:text}`n_probes` probes lost | {glue:text}`lost_lora` of {glue:text}`n_probes` lost: not less here |
 # | inference latency | baseline | the same once merged; unmerged costs a little (chapter 07) |
 #
+# ## Check yourself
+#
+# **1.** Which part of a training step does LoRA shrink by exactly the ratio of trainable
+# parameters?
+# (a) the weights (b) the saved activations (c) the optimizer state (d) all of them equally
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (c): AdamW keeps two moments per *trainable* parameter, so its state follows the trainable
+# count exactly (gradients do too). The weights stay, and the activations shrank only by
+# {glue:text}`act_saved`, because the backward pass still runs through every frozen layer.
+# ```
+#
+# **2.** On this chapter's `sql` task, did LoRA forget less than full fine-tuning?
+# (a) yes, far less (b) no: neither lost more than a probe or so, because writing SQL does
+# not pull the model away from its facts (c) LoRA forgot everything (d) forgetting cannot be
+# measured
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): full fine-tuning lost {glue:text}`lost_full` probes, LoRA {glue:text}`lost_lora`
+# (asserted). "LoRA forgets less" depends on the task; chapter 09 finds a task where it does.
+# ```
+#
+# **3.** What does the patch ship, per task?
+# (a) a full copy of the weights in a smaller dtype (b) a diff of every weight
+# (c) `adapter_config.json` and an `adapter_model.safetensors` holding only $A$ and $B$
+# (d) the optimizer state, to resume training
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (c): a small file next to an unchanged binary, like a `.dll`; merged, it leaves a model
+# with the base's class and parameter count (asserted above), so it costs nothing per token.
+# ```
+#
 # ## Summary
 #
 # - Full fine-tuning trains, stores and ships every weight; LoRA freezes them and trains,

@@ -163,6 +163,11 @@ print(f"relative size of the patch: "
 # `lora_lab.layers.LoRALinear` is the package's version of the same module (it adds
 # dropout, rsLoRA, merging and GPT-2's transposed layers). PEFT's LoRA layer is what most
 # people train with. Copy our $A$ and $B$ into both and compare outputs.
+#
+# PEFT puts its layer in place by monkey-patching, the Chinese source's other picture of a
+# run-time patch besides the `.dll`: `get_peft_model` finds the attribute named `proj` on the
+# live model and replaces it with a LoRA layer that keeps the original `nn.Linear` inside,
+# as `base_layer`. No class is edited; the cell below reaches the original through it.
 
 # %%
 from peft import LoraConfig, get_peft_model
@@ -435,6 +440,42 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
 # enough; it measures accuracy against rank there, not the spectrum of the change, so
 # whether that change spreads over more directions is left open (exercise: run the cell
 # above on chapter 09's `shift` task).
+#
+# ## Check yourself
+#
+# **1.** A LoRA layer has just been added to a model, and nothing has trained yet. What does
+# the layer output?
+# (a) noise, until training fixes it (b) exactly the base layer's output, because $B$ starts
+# at zero (c) the base output scaled by $\alpha/r$ (d) zero
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): $sB(Ax)$ is zero while $B = 0$, so a fresh patch changes nothing (asserted with
+# `torch.equal` above). That is why injecting an adapter never breaks a model.
+# ```
+#
+# **2.** How many numbers does a rank-$r$ patch train on a $d \times d$ layer?
+# (a) $r \cdot d$ (b) $2rd$ (c) $d^2 / r$ (d) $r^2$
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): $A$ is $r \times d$ and $B$ is $d \times r$. Against the layer's $d^2$ that is
+# $d / 2r$ times fewer: exactly {glue:text}`saving` at $d$ = {glue:text}`d` and r=8
+# (asserted), and the saving shrinks as $r$ grows.
+# ```
+#
+# **3.** What does the "low-rank" bet claim about the change $\Delta W$ that fine-tuning
+# makes to a weight matrix?
+# (a) that it touches only a few entries (b) that most of its energy lies in a few
+# directions, so $BA$ with a small $r$ can express most of it (c) that it is small in
+# size (d) that it is the same for every task
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): the bet is about directions, not entries: the top-$r$ directions of a real
+# fine-tune's change hold several times the energy share of a random matrix's (asserted in
+# the spectrum cells).
+# ```
 #
 # ## Summary
 #

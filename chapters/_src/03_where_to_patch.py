@@ -83,6 +83,11 @@ print(lora_lab.runtime.describe())
 #
 # `linear_module_names` lists every layer LoRA could wrap. Here is one block of the bundled
 # model, plus the two vocabulary-sized layers at either end.
+#
+# Targets are chosen by name, the way a preloaded library (`LD_PRELOAD`) overrides a
+# program's functions by their symbol names: every layer whose name matches an entry of
+# `target_modules` is swapped, on the live model, for a LoRA wrapper around it (chapter 02's
+# monkey-patching), and every other layer runs as it was.
 
 # %%
 base, tok = lora_lab.load_base(BASE_MODEL)
@@ -211,6 +216,7 @@ glue("llama_vocab_gb", llama_vocab_bytes / 1e9, ".1f")
 # On Llama-2-7B the same two matrices are {glue:text}`llama_vocab` × {glue:text}`llama_width`
 # numbers each:
 # {glue:text}`llama_vocab_gb` GB in fp32 riding along in what should be a megabyte-sized patch.
+# The patch has stopped being a patch: it carries a copy of part of the binary.
 #
 # ## The measured trade-off
 #
@@ -397,6 +403,42 @@ if lora_lab.models.is_bundled(BASE_MODEL):  # measured on the bundled model
     assert last < 0.8 * first
 
 # %% [markdown]
+# ## Check yourself
+#
+# **1.** A LoRA patch of rank $r$ goes on a layer with $d_\text{in}$ inputs and
+# $d_\text{out}$ outputs. How many numbers does it train?
+# (a) $r \cdot d_\text{in} \cdot d_\text{out}$ (b) $r\,(d_\text{in} + d_\text{out})$
+# (c) $d_\text{in} + d_\text{out}$ (d) $2r$
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): $A$ is $r \times d_\text{in}$, $B$ is $d_\text{out} \times r$. The chapter predicted
+# every placement's count from the shapes and asserted it against the built models, which is
+# why the wider FFN layers cost more at the same rank.
+# ```
+#
+# **2.** You add `embed_tokens` and `lm_head` to the targets and save with PEFT's defaults.
+# What happens?
+# (a) the trainable count doubles and the file grows a little (b) few extra trainable
+# numbers, but a file several times larger, since the whole vocabulary matrices are saved
+# too (c) nothing changes (d) the file shrinks
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): asserted above: under half again as many trainable numbers, more than five times
+# the all-linear file, and on this task the most forgotten probes of any placement.
+# ```
+#
+# **3.** Does `target_modules="all-linear"` patch the output head `lm_head`?
+# (a) yes, it is a linear layer (b) no: PEFT's "all-linear" leaves out the output layer, and
+# `lora_lab` follows it (c) only when the vocabulary is resized (d) only with `modules_to_save`
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): the predicted count for "all-linear" skips `lm_head`, and it matched the built model
+# (asserted). Name `lm_head` explicitly when a task needs it.
+# ```
+#
 # ## Summary
 #
 # - Targets are chosen by layer name; a patch on a $d_\text{in} \to d_\text{out}$ layer

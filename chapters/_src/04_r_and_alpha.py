@@ -9,6 +9,11 @@
 # {cite}`kalajdzievski2023rslora` when r is large. This chapter turns each rule into a
 # measurement on the bundled model.
 #
+# In the patch picture, the Chinese source calls `r` the patch's "complexity" and
+# `lora_alpha` its "strength". `r` sets how big the patch is (the adapter file grows with
+# it); alpha/r sets how loudly the patch speaks, and costs no bytes at all. A bigger patch
+# file is not a louder patch.
+#
 # **Learning goals**
 # - read loss and accuracy against r for the usual alpha rules;
 # - see, in numbers, why a fixed alpha makes each direction weaker as r grows, and how
@@ -234,7 +239,8 @@ glue("scaled_max", max(scaled), ".0%")
 # `scaling * ||B[:, j]|| * ||A[j, :]||` averaged over directions j and layers: as r goes
 # from {glue:text}`r_min` to {glue:text}`r_max` the whole update shrinks from
 # {glue:text}`update_first` to {glue:text}`update_last` and each direction shrinks
-# {glue:text}`direction_ratio`x. More directions, each one quieter.
+# {glue:text}`direction_ratio`x. More directions, each one quieter: at a fixed alpha, a
+# bigger patch ships and says less through each of its directions.
 
 # %%
 scaling_exp = sweep["experiments"]["rank_scaling"]
@@ -449,6 +455,54 @@ for x in live_runs:
           f" -> {x['final_loss']:.1f}")
 
 # %% [markdown]
+# ## Check yourself
+#
+# The first question rests on this check of the cached sweep: its runs span every alpha,
+# rsLoRA and several learning rates, and the trainable count depends on r alone.
+
+# %%
+counts = {}
+for entry in sweep["runs"]:
+    counts.setdefault(entry["r"], set()).add(entry["trainable_params"])
+for r, n in sorted(counts.items()):
+    print(f"r={r:<3} trainable parameters {sorted(n)}")
+assert all(len(n) == 1 for n in counts.values())  # whatever alpha or rsLoRA
+per_rank = {min(n) / r for r, n in counts.items()}
+assert len(per_rank) == 1  # and in proportion to r
+
+# %% [markdown]
+# **1.** At r=8 you change `lora_alpha=16` to `lora_alpha=32`. How many more parameters train?
+# (a) twice as many (b) half as many (c) none: alpha is a fixed multiplier, not a weight
+# (d) it depends on the learning rate
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (c): `scaling = alpha / r` multiplies $BA$; only $A$ and $B$ train, and their size is set
+# by r and the targets (the cell above: one count per rank, whatever alpha or rsLoRA).
+# ```
+#
+# **2.** At a fixed alpha = 16, you go from r=8 to r=64. What happens to each direction of
+# the update?
+# (a) it grows, since there are more of them (b) it stays the same (c) it gets quieter,
+# because the scaling alpha/r falls as r grows (d) it becomes random
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (c): the whole update and each of its directions shrank at every step up in rank
+# (asserted), which is why a fixed alpha stops paying for more rank. Raise alpha with r
+# (alpha = 2r) or use rsLoRA.
+# ```
+#
+# **3.** What does rsLoRA change?
+# (a) the number of trainable parameters (b) the scaling, to $\alpha/\sqrt{r}$, so the
+# update keeps about the same size as r grows (c) how $A$ is initialised (d) the optimizer
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): with $\alpha/\sqrt{r}$ the update's size stayed close to its r=1 size at every rank
+# (asserted). The flip side: at a high rank it may need a smaller learning rate.
+# ```
+#
 # ## Summary
 #
 # - `scaling = alpha / r` multiplies the update. On the bundled model alpha = 2r ended

@@ -88,6 +88,12 @@ print(lora_lab.runtime.describe())
 # `lora_alpha` (the update is multiplied by `lora_alpha / r`, {cite}`hu2021lora`), and the
 # `target_modules`. `"all-linear"` patches every linear layer except the output head.
 # `get_peft_model` freezes the base, inserts the LoRA layers and returns a `PeftModel`.
+#
+# The Chinese source calls the `LoraConfig` the patch manifest: the list of what to patch
+# and how, which `save_pretrained` later writes next to the weights as
+# `adapter_config.json`. And `get_peft_model` applies it by monkey-patching: it swaps each
+# targeted layer of the live model for a LoRA wrapper around it, so the `base` object
+# itself now carries the patch (the second cell below checks it).
 
 # %%
 base, tok = models.load_base(BASE_MODEL)
@@ -106,6 +112,9 @@ trainable, total = model.get_nb_trainable_parameters()
 n_base = sum(p.numel() for p in base.parameters() if not p.requires_grad)
 assert total == n_base + trainable
 assert trainable == models.count_parameters(model, trainable_only=True)
+# patched in place: the object we loaded now holds LoRA layers
+assert any(type(m).__module__.startswith("peft.tuners.lora")
+           for m in base.modules())
 print(f"{trainable / total:.2%} of the weights train")
 glue("tiny_millions", total / 1e6, ".1f")
 glue("tiny_share", trainable / total, ".1%")
@@ -341,7 +350,9 @@ else:
 #
 # `save_pretrained` on a `PeftModel` writes only the adapter: its config and its weights.
 # The English source says the weights land in `adapter_model.bin`; current PEFT writes
-# `adapter_model.safetensors` (the safe, non-pickle format) by default.
+# `adapter_model.safetensors` (the safe, non-pickle format) by default. That folder is the
+# whole patch, the `.dll` beside an unchanged binary: the manifest `adapter_config.json`
+# (which base, which layers, r and alpha) and the weights of $A$ and $B$.
 
 # %%
 adapter_dir = WORK / "sql-adapter"
@@ -351,13 +362,16 @@ print(files)
 assert "adapter_model.safetensors" in files
 assert "adapter_model.bin" not in files
 assert "adapter_config.json" in files
+manifest = LoraConfig.from_pretrained(adapter_dir)  # reads adapter_config.json
+assert (manifest.r, manifest.lora_alpha) == (R, ALPHA)
 size_kb = (adapter_dir / "adapter_model.safetensors").stat().st_size / 1e3
 assert size_kb < 1000
 print(f"adapter weights: {size_kb:.0f} kB")
 
 # %% [markdown]
 # To use it, load a fresh base model and put the adapter on top with
-# `PeftModel.from_pretrained`, then generate as with any transformers model.
+# `PeftModel.from_pretrained`, then generate as with any transformers model: dynamic
+# linking, the unchanged binary loaded first and the patch applied at run time.
 
 # %% tags=["nbval-ignore-output"]
 fresh, _ = models.load_base(BASE_MODEL)
@@ -487,6 +501,40 @@ glue("accelerate_version", accelerate.__version__)
 # trainer's `metrics.json` records `num_processes`, and `tests/test_cli.py` checks both
 # launch lines: two processes give the same per-step losses as one, within a tolerance
 # that test sets.
+#
+# ## Check yourself
+#
+# **1.** What does `get_peft_model(base, lora_config)` do to the `base` object?
+# (a) nothing: it works on a copy (b) it swaps the targeted layers, in place, for LoRA
+# wrappers around them and freezes the base weights (c) it retrains every weight
+# (d) it converts the model to 4-bit
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): PEFT monkey-patches the live model (asserted above: `base` itself now holds PEFT's LoRA
+# layers). Load a fresh base when you need the unpatched one, as this chapter does.
+# ```
+#
+# **2.** What does `save_pretrained` on a `PeftModel` write?
+# (a) a full copy of the patched model (b) the patch manifest `adapter_config.json` and
+# `adapter_model.safetensors` with $A$ and $B$ (c) `adapter_model.bin` only (d) the
+# optimizer state
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): the folder is the whole patch, under a megabyte here (asserted, with the manifest's
+# r and alpha read back); the base model is loaded separately.
+# ```
+#
+# **3.** With `assistant_only_loss=True`, which tokens of a chat carry the loss?
+# (a) every token (b) the user's question only (c) the assistant's answer and its
+# end-of-text token (d) the role markers
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (c): the batch check above decodes the labels that are not -100 to exactly the answer and
+# its end-of-text token. The adapter learns to answer, not to ask.
+# ```
 #
 # ## Summary
 #

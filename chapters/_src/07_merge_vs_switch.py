@@ -7,6 +7,15 @@
 # plain model; or keep the base **separate** and pick an adapter per request. This chapter
 # measures both on the bundled model.
 #
+# **For Go programmers**, this is a choice your toolchain has already made once. `go build`
+# links every Go package of a program, the runtime included, into one self-contained
+# executable (fully static for a pure-Go build on Linux; cgo brings the C library back in
+# dynamically): the merged road. The `plugin` package is the switched road: a running host
+# opens a `.so` built with `go build -buildmode=plugin`. Its fine print rhymes with LoRA's:
+# a plugin must be built with exactly the host's toolchain and shared package versions, as
+# an adapter is built against one base model; it needs cgo and runs only on Linux, FreeBSD
+# and macOS; and, unlike an adapter, an opened plugin can never be unloaded.
+#
 # **Learning goals**
 # - merge an adapter with `merge_and_unload`, after a pre-merge checklist, and check that
 #   the merged model computes the same function at the base model's cost;
@@ -263,7 +272,10 @@ assert abs(ratio["merged"] - 1) < 0.2
 #
 # ## Dynamic linking: keep the base, switch the patch
 #
-# The other road keeps one base model in memory and a table of adapters beside it.
+# The other road keeps one base model in memory and a table of adapters beside it. This
+# is the separation of concerns the Chinese source credits LoRA with: the base holds what
+# every task shares, each adapter one skill, and an adapter can be added, replaced or
+# dropped without touching the base or the other adapters.
 # `lora_lab.registry.AdapterRegistry` is that table: `load` reads a PEFT-format folder,
 # `set_adapter` points every wrapped layer at one adapter's $A$ and $B$, `disable` gives
 # the base back, and `merge` / `unmerge` fold one adapter in for a while. We save
@@ -659,6 +671,39 @@ print(f"{'memory, 16 adapters (MB)':26} {16 * model_bytes / 1e6:>17.1f}"
 assert tps["lora_lab_mixed"] > 3 * tps["merge_per_group"]
 
 # %% [markdown]
+# ## Check yourself
+#
+# **1.** After `merge_and_unload`, what does the model cost per token compared with the base?
+# (a) more: it still runs $A$ and $B$ (b) the same: it has exactly the base's modules and
+# parameter count (c) less: the patch prunes weights (d) it depends on r
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): $W_0 + sBA$ is one ordinary matrix per layer (structure asserted above). This is
+# static linking: no patch left to call at run time, and no way to swap it out either.
+# ```
+#
+# **2.** Two adapters are already in memory. What is the cheapest way to switch between them?
+# (a) reload the second from disk (b) merge it in and unmerge it after the request
+# (c) `set_adapter`, which only repoints each wrapped layer at tensors already in memory
+# (d) restart the server
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (c): on the bundled model it was at least ten times cheaper than merge + unmerge
+# (asserted), which rewrites every patched weight twice per switch.
+# ```
+#
+# **3.** You serve many tasks from one base. Which road stores less?
+# (a) merged: one model file per task (b) switched: the base once plus a small adapter file
+# per task (c) both the same (d) neither can serve many tasks
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): each merged copy is the whole model again; the deployment table asserts the switched
+# road is many times smaller. Merge for one task; switch, or batch, for many.
+# ```
+#
 # ## Summary
 #
 # - Merging folds $sBA$ into $W_0$: same outputs within fp32 rounding, the base model's

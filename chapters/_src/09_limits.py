@@ -226,6 +226,10 @@ glue("top_probes", top["probe_accuracy"], ".0%")
 # produce gives them a high score. LoRA on the blocks changes the hidden states; only
 # training the head changes which words can be said. That is the concrete form of "the
 # base model lacks the features the task needs".
+#
+# In binary terms: a patch can reroute the code paths a program already has, not add a path
+# it lacks. `modules_to_save` stops patching that part and ships a retrained copy of it, the
+# whole head, inside the adapter.
 
 # %%
 ranked = [by_name[f"r={r} all-linear"] for r in (1, 4, 16, 64)]
@@ -253,7 +257,8 @@ assert by_name["full fine-tuning"]["accuracy"] > 0.9
 #    in-domain text first (chapter 05, path 1), or fine-tune fully.
 # 2. **Global behaviour** (safety, values, tone across *every* task). These are changes the
 #    model must apply everywhere, not in one narrow skill, and the sources recommend full
-#    fine-tuning or unfreezing more parameters for them. Biderman et al. measured the same
+#    fine-tuning or unfreezing more parameters for them: a change every code path must obey
+#    is a rebuild's job, not a patch's. Biderman et al. measured the same
 #    trade from the other side: LoRA "learns less and forgets less" than full fine-tuning
 #    {cite}`biderman2024lora` — the regularisation that protects old knowledge is also what
 #    limits new learning. The probe columns above show both halves on this model.
@@ -264,6 +269,42 @@ assert by_name["full fine-tuning"]["accuracy"] > 0.9
 # - Read the papers behind each chapter: {cite}`hu2021lora`, {cite}`dettmers2023qlora`,
 #   {cite}`kalajdzievski2023rslora`, {cite}`liu2024dora`, {cite}`sheng2023slora`.
 # - Re-run this book on a real model: set `LORA_LAB_BASE_MODEL` to a Hub id in Colab.
+#
+# ## Check yourself
+#
+# **1.** Where is a small LoRA patch most likely to fall short of full fine-tuning?
+# (a) on a narrow task in the base model's own domain (b) on a task far from what the base
+# model learned, such as a language it has never seen (c) on short prompts (d) nowhere:
+# with enough steps it always matches
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): the gap to full fine-tuning was largest on `shift`, where LoRA learned none of the
+# made-up language, and small on `sql` and `support` (asserted).
+# ```
+#
+# **2.** LoRA fails on `shift`. Does raising r and patching every linear layer fix it?
+# (a) yes, a high enough rank always does (b) no: every rank stayed near zero, and more rank
+# destroyed more of the pretraining facts (c) only with alpha = r (d) only on a GPU
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): asserted in the rank sweep. Rank buys directions in the blocks, and the blocks were
+# not what was missing.
+# ```
+#
+# **3.** Why did training the output head (`modules_to_save=["lm_head"]`) work where rank
+# did not?
+# (a) the head has more parameters than all the blocks (b) the Kelvish tokens' rows of the
+# head were never trained, so no hidden state could make the model say them; only training
+# the head changes which words can be said (c) the head is quantized (d) it did not work
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): with the head trained it learned most of the task and kept its facts, training under
+# half the numbers of the largest rank (asserted). A patch reroutes existing paths; this task
+# needed a new one.
+# ```
 #
 # ## Summary
 #

@@ -97,7 +97,10 @@ print(lora_lab.runtime.describe())
 # Two adapters of rank 8 on the attention projections, one per task, and a third of rank 4
 # on `q_proj` and `v_proj` only (the English source's targets), kept back to be loaded
 # into a running server later. Each folder holds the two files PEFT writes and the
-# trainer's `metrics.json`.
+# trainer's `metrics.json`. `adapter_config.json` is the saved `LoraConfig`, the patch
+# manifest in the Chinese source's words: it names the base model, the rank, alpha and the
+# target layers (the cell prints r and the targets from it), and the loaders below read it
+# to know where the weights go.
 
 # %%
 base, tok = lora_lab.load_base(BASE_MODEL)
@@ -291,7 +294,10 @@ assert ratio > 10
 # on one model. Here they are in use: load two trained adapters, add a fresh one, switch,
 # switch the patch off, delete. A fresh adapter starts with $B = 0$, so it must answer
 # exactly like the base model until it is trained. `lora_lab.registry.AdapterRegistry`
-# does the same with the same verbs; the two must agree token for token.
+# does the same with the same verbs; the two must agree token for token. These verbs are
+# separation of concerns at work, in the Chinese source's words for LoRA: one base for what
+# every task shares, one file per skill, and a skill added, switched or deleted without
+# touching the base or the other skills.
 
 # %%
 peft_model = PeftModel.from_pretrained(copy.deepcopy(base), ADAPTERS["support"],
@@ -915,6 +921,40 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ## Check yourself
+#
+# **1.** You `add_adapter` a fresh LoRA adapter and, before training it, switch to it. What
+# does the model answer?
+# (a) noise (b) exactly what the base model answers, because a fresh adapter's $B$ is zero
+# (c) what the last adapter answered (d) nothing: it refuses until trained
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): asserted token for token in the multi-adapter cell. A fresh patch is a no-op until
+# training moves $B$.
+# ```
+#
+# **2.** A colleague will serve your merged model from the folder you save. What must the
+# folder hold besides the weights and the model config?
+# (a) nothing else (b) the tokenizer and the generation config, so the server can turn text
+# into ids and stop where the original stopped (c) the adapter file (d) the optimizer state
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): the reload cell asserts both: the reloaded tokenizer gives the same ids, and the
+# generation config keeps the end-of-text and padding tokens.
+# ```
+#
+# **3.** You have sixteen tasks. Which road uses less disk and serves more tokens per second?
+# (a) one merged model per task (b) one base plus an adapter per task, served in mixed
+# batches (c) both the same (d) it depends only on the rank
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): the decision table asserts over five times less disk and over three times the
+# tokens/s of switching one adapter at a time. Merging pays off when there is one task.
+# ```
+#
 # ## Summary
 #
 # - A merged checkpoint is a folder: weights, config, **tokenizer** and generation

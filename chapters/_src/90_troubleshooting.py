@@ -689,6 +689,42 @@ print("adapter changes outputs: sql", adapter_changes_outputs(model),
 assert adapter_changes_outputs(model) and not adapter_changes_outputs(silent)
 
 # %% [markdown]
+# ## Check yourself
+#
+# **1.** An adapter loads without an error, and you suspect it does nothing. What is the
+# one-line check?
+# (a) the file size (b) the outputs with the adapter on must differ from the outputs with it
+# switched off (c) the trainable count (d) the training loss
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): an adapter that was loaded but not activated, or whose tensor names missed every
+# layer, computes exactly the base model (asserted in section 8). Only the outputs show it.
+# ```
+#
+# **2.** The same adapter is r times too strong in one tool. What is the likely cause?
+# (a) a different dtype (b) one tool scales the update by $\alpha/r$, the other by $\alpha$
+# alone (c) a different tokenizer (d) dropout left on
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (b): convert when you move it; writing `lora_alpha` as $\alpha \cdot r$ into PEFT's config
+# reproduces the alpha-only update (asserted in section 5).
+# ```
+#
+# **3.** You trained QLoRA on a 4-bit base and want one full-precision merged model that
+# computes what you trained. Which base do you merge into?
+# (a) the 4-bit model itself (b) the original full-precision checkpoint (c) the 4-bit base
+# after `dequantize()`, which equals the weights the adapter was trained on (d) any base of
+# the same shape
+#
+# ```{admonition} Answer
+# :class: dropdown
+# (c): the adapter was trained on top of the quantization error, so only the dequantized
+# weights match it (asserted in section 2). Merging into the 4-bit model rounds a second
+# time; the original checkpoint lacks the error the adapter learned around.
+# ```
+#
 # ## Summary
 #
 # | # | symptom | fix | the check |
