@@ -471,41 +471,16 @@ def explorer(results: dict | None = None, steps: int | None = None, **train_kwar
     for key in ("task", "batch_size", "seq_len", "seed", "target_modules"):
         if key in meta:
             train_kwargs.setdefault(key, meta[key])
-    start = ex.nearest(8, 16, False, meta.get("lr", 3e-3))  # a run that exists, near r=8, alpha=16
-    opts = ex.options(start["r"], start.get("use_rslora", False), start["lora_alpha"])
-    r_slider = w.SelectionSlider(options=opts["r"], value=start["r"], description="r")
-    rs_toggle = w.ToggleButtons(
-        options=[("alpha/r", False), ("rsLoRA", True)], value=bool(start.get("use_rslora", False)),
-        description="scaling",
-    )  # fmt: skip
-    alpha_slider = w.SelectionSlider(
-        options=opts["lora_alpha"], value=start["lora_alpha"], description="alpha"
-    )
-    lr_slider = w.SelectionSlider(
-        options=[(f"{v:g}", v) for v in opts["lr"]], value=start["lr"], description="lr"
-    )
+    r_slider, rs_toggle, alpha_slider, lr_slider = _explorer_controls(ex, meta.get("lr", 3e-3))
     button = w.Button(description=f"retrain ({steps} steps)", icon="play")
     out = w.Output()
     log = w.Output()
     busy = []  # non-empty while the controls are being restricted: one redraw at the end
 
     def restrict(*_):
-        """Offer in each control only the values that exist with the ones before it."""
-        busy.append(True)
+        busy.append(True)  # no redraw while the options change
         try:
-            flags = ex.options(r_slider.value)["use_rslora"]
-            labels = {False: "alpha/r", True: "rsLoRA"}
-            rs_value = _closest_flag(flags, rs_toggle.value)
-            rs_toggle.options = [(labels[f], f) for f in flags]
-            rs_toggle.value = rs_value
-            alphas = ex.options(r_slider.value, rs_toggle.value)["lora_alpha"]
-            alpha_value = _closest(alphas, alpha_slider.value)
-            alpha_slider.options = alphas
-            alpha_slider.value = alpha_value
-            lrs = ex.options(r_slider.value, rs_toggle.value, alpha_slider.value)["lr"]
-            lr_value = _closest(lrs, lr_slider.value)
-            lr_slider.options = [(f"{v:g}", v) for v in lrs]
-            lr_slider.value = lr_value
+            _restrict_controls(ex, r_slider, rs_toggle, alpha_slider, lr_slider)
         finally:
             busy.pop()
         return redraw()
@@ -554,13 +529,117 @@ def explorer(results: dict | None = None, steps: int | None = None, **train_kwar
     return box
 
 
-def _closest_flag(flags: list[bool], value: bool) -> bool:
-    return value if value in flags else flags[0]
+def _explorer_controls(ex: SweepExplorer, lr: float) -> tuple:
+    """The r slider, alpha/r | rsLoRA toggle, alpha and lr sliders, set to a run near r=8, alpha=16."""
+    import ipywidgets as w
+
+    start = ex.nearest(8, 16, False, lr)
+    opts = ex.options(start["r"], start.get("use_rslora", False), start["lora_alpha"])
+    r_slider = w.SelectionSlider(options=opts["r"], value=start["r"], description="r")
+    rs_toggle = w.ToggleButtons(
+        options=[("alpha/r", False), ("rsLoRA", True)], value=bool(start.get("use_rslora", False)),
+        description="scaling",
+    )  # fmt: skip
+    alpha_slider = w.SelectionSlider(
+        options=opts["lora_alpha"], value=start["lora_alpha"], description="alpha"
+    )
+    lr_slider = w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in opts["lr"]], value=start["lr"], description="lr"
+    )
+    return r_slider, rs_toggle, alpha_slider, lr_slider
+
+
+def _restrict_controls(ex: SweepExplorer, r_slider, rs_toggle, alpha_slider, lr_slider) -> None:
+    """Offer in each control only the values that exist with the ones before it (r, rsLoRA, alpha,
+    lr); a value left without a run moves to the nearest one that has one."""
+    flags = ex.options(r_slider.value)["use_rslora"]
+    labels = {False: "alpha/r", True: "rsLoRA"}
+    rs_value = rs_toggle.value if rs_toggle.value in flags else flags[0]
+    rs_toggle.options = [(labels[f], f) for f in flags]
+    rs_toggle.value = rs_value
+    alphas = ex.options(r_slider.value, rs_toggle.value)["lora_alpha"]
+    alpha_value = _closest(alphas, alpha_slider.value)
+    alpha_slider.options = alphas
+    alpha_slider.value = alpha_value
+    lrs = ex.options(r_slider.value, rs_toggle.value, alpha_slider.value)["lr"]
+    lr_value = _closest(lrs, lr_slider.value)
+    lr_slider.options = [(f"{v:g}", v) for v in lrs]
+    lr_slider.value = lr_value
 
 
 def _default_index(runs: list[dict], r: int = 8) -> int:
     """Where a series' slider starts: the run whose rank is nearest `r` (the chapter's r=8)."""
     return min(range(len(runs)), key=lambda i: (abs(_log(runs[i]["r"]) - _log(r)), runs[i]["r"]))
+
+
+def _panel_title(run: dict) -> str:
+    return f"final loss vs r, series at lr={run['lr']:g}"
+
+
+def _curve(run: dict) -> tuple[list, list]:
+    """x and y of traces 0 and 1: the run's loss curve and its point in the sweep panel."""
+    return [run["loss_steps"], [run["r"]]], [run["losses"], [run["final_loss"]]]
+
+
+def _series_update(series: list[dict], k: int) -> dict:
+    """Restyle for choosing series k: its default run's data, the lines of its lr, line k in bold."""
+    run = series[k]["runs"][_default_index(series[k]["runs"])]
+    (x0, x1), (y0, y1) = _curve(run)
+    return {
+        "x": [x0, x1, *[[x["r"] for x in s["runs"]] for s in series]],
+        "y": [y0, y1, *[[x["final_loss"] for x in s["runs"]] for s in series]],
+        "visible": [True, True, *[s["lr"] == series[k]["lr"] for s in series]],
+        "line.width": [2, 0, *[3.5 if i == k else 1.5 for i in range(len(series))]],
+    }
+
+
+def _sweep_controls(series: list[dict], first: dict, current: int) -> tuple[list, list]:
+    """One slider per series (steps: its runs, by rank) and one menu button per series."""
+    sliders, buttons = [], []
+    for k, s in enumerate(series):
+        steps = []
+        for run in s["runs"]:
+            (x0, x1), (y0, y1) = _curve(run)
+            steps.append({
+                "label": str(run["r"]), "method": "update",
+                "args": [{"x": [x0, x1], "y": [y0, y1]}, {"title.text": run_title(run)}, [0, 1]],
+            })  # fmt: skip
+        active = s["runs"].index(first) if k == current else _default_index(s["runs"])
+        sliders.append({
+            "active": active, "steps": steps, "visible": k == current, "x": 0.0, "len": 1.0, "y": -0.18,
+            "yanchor": "top", "pad": {"t": 10}, "currentvalue": {"prefix": f"{s['name']}:  r = "},
+        })  # fmt: skip
+        default = s["runs"][_default_index(s["runs"])]
+        layout = {f"sliders[{i}].visible": i == k for i in range(len(series))}
+        layout.update({
+            f"sliders[{k}].active": _default_index(s["runs"]), "title.text": run_title(default),
+            "annotations[1].text": _panel_title(default),
+        })  # fmt: skip
+        buttons.append({"label": s["name"], "method": "update", "args": [_series_update(series, k), layout]})
+    return sliders, buttons
+
+
+def _sweep_axes(fig, grid_runs: list[dict], ranks: list[int]) -> None:
+    """Fixed axis ranges over every run, so moving a control moves the data, not the axes."""
+    losses = [v for run in grid_runs for v in run["losses"] if v is not None and v > 0]
+    finals = [run["final_loss"] for run in grid_runs if run.get("final_loss") is not None]
+    grid = {"showgrid": True, "gridcolor": "#dddddd", "linecolor": "#444444", "zeroline": False}
+    fig.update_xaxes(
+        title_text="step", range=[0, max(x["loss_steps"][-1] for x in grid_runs) + 1], row=1, col=1, **grid
+    )
+    fig.update_yaxes(
+        title_text="training loss (log)", type="log", row=1, col=1,
+        range=[math.log10(min(losses)) - 0.05, math.log10(max(losses)) + 0.05], **grid,
+        tickvals=[v for v in (0.1, 0.2, 0.5, 1, 2, 5, 10) if min(losses) / 2 <= v <= max(losses) * 2],
+    )  # fmt: skip
+    fig.update_xaxes(
+        title_text="r (log)", type="log", tickvals=ranks, ticktext=[str(r) for r in ranks], row=1, col=2,
+        range=[_log(ranks[0]) * math.log10(2) - 0.1, _log(ranks[-1]) * math.log10(2) + 0.1], **grid,
+    )  # fmt: skip
+    pad = 0.05 * (max(finals) - min(finals))
+    fig.update_yaxes(
+        title_text="final loss", range=[min(finals) - pad, max(finals) + pad], row=1, col=2, **grid
+    )
 
 
 def sweep_figure(results: dict, start: tuple = (8, 16, False, 3e-3)):
@@ -584,20 +663,11 @@ def sweep_figure(results: dict, start: tuple = (8, 16, False, 3e-3)):
     first = ex.nearest(*start)
     fixed = f"alpha={first['lora_alpha']:g}"
     holding = [i for i, s in enumerate(series) if first in s["runs"]]
-    current = next((i for i in holding if series[i]["rule"] == fixed), holding[0])
+    current = next((i for i in holding if series[i]["rule"] == fixed), holding[0])  # the fixed-alpha series
     rules = list(dict.fromkeys(s["rule"] for s in series))
-    main_lr = series[0]["lr"]
-    losses = [v for run in ex.grid for v in run["losses"] if v is not None and v > 0]
-    finals = [run["final_loss"] for run in ex.grid if run.get("final_loss") is not None]
 
-    def panel_title(run):
-        return f"final loss vs r, series at lr={run['lr']:g}"
-
-    def curve(run):  # traces 0 and 1: the selected run's loss curve and its point in the sweep
-        return [run["loss_steps"], [run["r"]]], [run["losses"], [run["final_loss"]]]
-
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss curve of this run", panel_title(first)))
-    (x0, x1), (y0, y1) = curve(first)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss curve of this run", _panel_title(first)))
+    (x0, x1), (y0, y1) = _curve(first)
     fig.add_trace(
         go.Scatter(x=x0, y=y0, mode="lines", name="selected run: loss", line={"color": COLORS[0]}), 1, 1
     )
@@ -606,53 +676,18 @@ def sweep_figure(results: dict, start: tuple = (8, 16, False, 3e-3)):
                    marker={"size": 14, "color": "rgba(0,0,0,0)", "line": {"width": 2.5, "color": "#222222"}}),
         1, 2,
     )  # fmt: skip
-    for s in series:
+    start_update = _series_update(series, current)
+    for i, s in enumerate(series):
         fig.add_trace(
             go.Scatter(
                 x=[x["r"] for x in s["runs"]], y=[x["final_loss"] for x in s["runs"]], mode="lines+markers",
-                name=s["name"], line={"color": COLORS[rules.index(s["rule"]) % len(COLORS)],
-                                       "dash": "solid" if s["lr"] == main_lr else "dot"},
+                name=s["name"], visible=start_update["visible"][i + 2],
+                line={"color": COLORS[rules.index(s["rule"]) % len(COLORS)], "width": start_update["line.width"][i + 2],
+                      "dash": "solid" if s["lr"] == series[0]["lr"] else "dot"},
             ),
             1, 2,
         )  # fmt: skip
-
-    def series_update(k: int) -> dict:
-        """Restyle for choosing series k: its default run's data, the lines of its lr, k in bold."""
-        run = series[k]["runs"][_default_index(series[k]["runs"])]
-        (x0, x1), (y0, y1) = curve(run)
-        same_lr = [s["lr"] == series[k]["lr"] for s in series]
-        return {
-            "x": [x0, x1, *[[x["r"] for x in s["runs"]] for s in series]],
-            "y": [y0, y1, *[[x["final_loss"] for x in s["runs"]] for s in series]],
-            "visible": [True, True, *same_lr],
-            "line.width": [2, 0, *[3.5 if i == k else 1.5 for i in range(len(series))]],
-        }
-
-    sliders, buttons = [], []
-    for k, s in enumerate(series):
-        steps = []
-        for run in s["runs"]:
-            (x0, x1), (y0, y1) = curve(run)
-            steps.append({
-                "label": str(run["r"]), "method": "update",
-                "args": [{"x": [x0, x1], "y": [y0, y1]}, {"title.text": run_title(run)}, [0, 1]],
-            })  # fmt: skip
-        active = s["runs"].index(first) if k == current else _default_index(s["runs"])
-        sliders.append({
-            "active": active, "steps": steps, "visible": k == current, "x": 0.0, "len": 1.0, "y": -0.18,
-            "yanchor": "top", "pad": {"t": 10}, "currentvalue": {"prefix": f"{s['name']}:  r = "},
-        })  # fmt: skip
-        default = s["runs"][_default_index(s["runs"])]
-        layout = {f"sliders[{i}].visible": i == k for i in range(len(series))}
-        layout.update({
-            f"sliders[{k}].active": _default_index(s["runs"]), "title.text": run_title(default),
-            "annotations[1].text": panel_title(default),
-        })  # fmt: skip
-        buttons.append({"label": s["name"], "method": "update", "args": [series_update(k), layout]})
-    start_update = series_update(current)
-    for i, trace in enumerate(fig.data[2:]):
-        trace.visible = start_update["visible"][i + 2]
-        trace.line.width = start_update["line.width"][i + 2]
+    sliders, buttons = _sweep_controls(series, first, current)
     fig.update_layout(
         title={"text": run_title(first), "x": 0.5, "y": 0.97, "font": {"size": 15}},
         template="none", paper_bgcolor="white", plot_bgcolor="white", font={"color": "#222222", "size": 12},
@@ -666,24 +701,7 @@ def sweep_figure(results: dict, start: tuple = (8, 16, False, 3e-3)):
     )  # fmt: skip
     fig.add_annotation(text="series:", x=0.0, y=1.2, xref="paper", yref="paper", xanchor="left", yanchor="bottom",
                        yshift=8, showarrow=False, font={"size": 13})  # fmt: skip
-    grid = {"showgrid": True, "gridcolor": "#dddddd", "linecolor": "#444444", "zeroline": False}
-    fig.update_xaxes(
-        title_text="step", range=[0, max(x["loss_steps"][-1] for x in ex.grid) + 1], row=1, col=1, **grid
-    )
-    fig.update_yaxes(
-        title_text="training loss (log)", type="log", row=1, col=1,
-        range=[math.log10(min(losses)) - 0.05, math.log10(max(losses)) + 0.05], **grid,
-        tickvals=[v for v in (0.1, 0.2, 0.5, 1, 2, 5, 10) if min(losses) / 2 <= v <= max(losses) * 2],
-    )  # fmt: skip
-    ranks = ex.options()["r"]
-    fig.update_xaxes(
-        title_text="r (log)", type="log", tickvals=ranks, ticktext=[str(r) for r in ranks], row=1, col=2,
-        range=[_log(ranks[0]) * math.log10(2) - 0.1, _log(ranks[-1]) * math.log10(2) + 0.1], **grid,
-    )  # fmt: skip
-    pad = 0.05 * (max(finals) - min(finals))
-    fig.update_yaxes(
-        title_text="final loss", range=[min(finals) - pad, max(finals) + pad], row=1, col=2, **grid
-    )
+    _sweep_axes(fig, ex.grid, ex.options()["r"])
     return fig
 
 

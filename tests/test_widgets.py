@@ -181,7 +181,7 @@ def test_figure_title_names_the_run_drawn_not_the_request():
     view = ex.select(r=5, lora_alpha=16, lr=2e-3)  # no such run: r=4, lr=3e-3 is drawn
     fig = ex.figure(view)
     assert (
-        fig._suptitle.get_text()
+        fig.get_suptitle()
         == widgets.run_title(view["run"])
         == ("r=4, alpha=16, lr=0.003, scaling alpha/r = 4")
     )
@@ -211,7 +211,7 @@ def test_widget_offers_only_existing_runs_and_titles_the_one_drawn():
     c["r"].value = 2  # alpha=128 does not exist at r=2: the nearest alpha that does (16)
     assert c["lora_alpha"].value == 16 and box.view["run"]["lora_alpha"] == 16
     fig = box.explorer.figure(box.view)
-    assert fig._suptitle.get_text() == widgets.run_title(box.view["run"])
+    assert fig.get_suptitle() == widgets.run_title(box.view["run"])
 
 
 def test_train_button_adds_a_fresh_curve_with_the_slider_values(monkeypatch):

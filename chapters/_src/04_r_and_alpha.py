@@ -450,7 +450,7 @@ view_rs = live.widget.view
 # %%
 assert view_64["run"]["r"] == 64 and view_64["scaling"] == 16 / 64
 assert view_rs["run"]["use_rslora"] and view_rs["scaling"] == 2.0
-title_rs = ex.figure(view_rs)._suptitle.get_text()
+title_rs = ex.figure(view_rs).get_suptitle()
 assert title_rs == widgets.run_title(view_rs["run"])
 print(view_64["run"]["label"], "| scaling", view_64["scaling"])
 print(view_rs["run"]["label"], "| title:", title_rs)
