@@ -653,8 +653,13 @@ def sweep_figure(results: dict, start: tuple = (8, 16, False, 3e-3)):
     method swaps the data), so the figure is a static file: no Python behind it.
     `start` = (r, alpha, rsLoRA, lr) of the run shown first (the nearest cached one).
     """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError as err:
+        raise ImportError(
+            "the sweep figure needs plotly: pip install plotly (pinned in LoRA Lab's 'book' extra)"
+        ) from err
 
     from lora_lab.plot import COLORS
 
