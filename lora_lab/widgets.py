@@ -14,18 +14,25 @@ The logic is plain Python and tested headless:
     view["family"]       # the runs drawn in the sweep panel (every scaling rule and r, at the same lr)
     ex.figure(view)      # the matplotlib figure for that view (what the widget shows)
 
-`explorer(results)` wraps it in ipywidgets (sliders, a checkbox, a button, an output area);
-`static_explorer_figure(results, settings)` draws the same panels for a list of settings, for the
-static book where no kernel runs.
+`explorer(results)` wraps it in ipywidgets (sliders, a checkbox, a button, an output area) whose
+sliders offer only settings the sweep holds: `ex.options(...)` restricts each control to the values
+that exist given the ones before it (r, then rsLoRA, then alpha, then lr), and every title names
+the run drawn (`run_title`). `sweep_figure(results)` is the same sweep as a plotly figure that runs
+in the browser with no kernel (the rendered book): a menu picks a series of runs (one alpha rule at
+one learning rate) and a slider steps through the ranks that series has. `SweepFigure(results)`
+displays it: HTML for the book (plotly.js served by the book, see `_ext/book_assets.py`), plotly's
+own mime type for JupyterLab. `static_explorer_figure(results, settings)` draws the matplotlib panels
+for a list of settings.
 
 `train_point` is the one training loop behind every cached curve and every fresh one (the sweep
 script calls it too), so a curve trained from the button is comparable with the cache. It also
 measures the size of the learned update dW = scaling * B @ A (`update_stats`): chapter 04's
 "alpha/r weakens each direction as r grows" and "alpha x2 is not lr x2" are numbers, not words.
 
-Left out: anything the sweep did not cache (the explorer never interpolates between runs; it says
-which cached run it shows when that is not the exact request).
-References: ipywidgets `SelectionSlider`, `Checkbox`, `Button`, `Output`, `interactive_output`.
+Left out: anything the sweep did not cache (the explorer never interpolates between runs;
+`select` says which cached run it shows when that is not the exact request).
+References: ipywidgets `SelectionSlider`, `Checkbox`, `Button`, `Output`; plotly `layout.sliders`,
+`layout.updatemenus` (method "update").
 """
 
 from __future__ import annotations
@@ -44,7 +51,12 @@ __all__ = [
     "flat_update",
     "train_point",
     "train_short_run",
+    "run_title",
     "explorer",
+    "explore",
+    "Explorer",
+    "sweep_figure",
+    "SweepFigure",
     "static_explorer_figure",
 ]
 
@@ -68,6 +80,26 @@ def alpha_rules(r: int, lora_alpha: float, use_rslora: bool, fixed_alphas: tuple
     if lora_alpha in fixed_alphas or not rules:
         rules.append(f"alpha={lora_alpha:g}")
     return rules
+
+
+def run_title(run: dict) -> str:
+    """The name of one run as every explorer title shows it: its own settings, never a request.
+
+    >>> run_title({"r": 64, "lora_alpha": 16, "use_rslora": True, "lr": 0.003})
+    'r=64, alpha=16, lr=0.003, rsLoRA: scaling alpha/sqrt(r) = 2'
+    """
+    rs = bool(run.get("use_rslora", False))
+    scaling = run["lora_alpha"] / math.sqrt(run["r"]) if rs else run["lora_alpha"] / run["r"]
+    rule = "rsLoRA: scaling alpha/sqrt(r)" if rs else "scaling alpha/r"
+    return f"r={run['r']}, alpha={run['lora_alpha']:g}, lr={run['lr']:g}, {rule} = {scaling:.3g}"
+
+
+def _rule_key(rule: str) -> tuple:
+    """Order of the scaling families: alpha=r, alpha=2r, fixed alphas (ascending), then rsLoRA."""
+    rs = rule.startswith("rsLoRA")
+    value = rule.rsplit("=", 1)[1]
+    fixed = value not in ("r", "2r")
+    return (rs, fixed, float(value) if fixed else ("r", "2r").index(value), rule)
 
 
 def _log(v: float) -> float:
@@ -108,6 +140,67 @@ class SweepExplorer:
             "lr": sorted({run["lr"] for run in self.grid}),
             "use_rslora": sorted({bool(run.get("use_rslora", False)) for run in self.grid}),
         }
+
+    def options(
+        self, r: int | None = None, use_rslora: bool | None = None, lora_alpha: float | None = None
+    ) -> dict:
+        """The values each control may offer, given the ones chosen before it (r, rsLoRA, alpha, lr).
+
+        `options()` gives every r; `options(r=32)` the rsLoRA flags the sweep ran at r=32;
+        `options(32, True)` the alphas of those runs; `options(32, True, 16)` their learning rates.
+        A control after one left as None is not restricted (empty lists mean no such run).
+        """
+        runs = self.grid
+        out = {"r": sorted({x["r"] for x in runs})}
+        if r is not None:
+            runs = [x for x in runs if x["r"] == r]
+        out["use_rslora"] = sorted({bool(x.get("use_rslora", False)) for x in runs})
+        if use_rslora is not None:
+            runs = [x for x in runs if bool(x.get("use_rslora", False)) == bool(use_rslora)]
+        out["lora_alpha"] = sorted({x["lora_alpha"] for x in runs})
+        if lora_alpha is not None:
+            runs = [x for x in runs if x["lora_alpha"] == lora_alpha]
+        out["lr"] = sorted({x["lr"] for x in runs})
+        return out
+
+    def run(self, r: int, lora_alpha: float, use_rslora: bool = False, lr: float = 3e-3) -> dict:
+        """The grid run with exactly these settings; a clear error naming what exists otherwise."""
+        hits = [
+            x for x in self.grid
+            if (x["r"], x["lora_alpha"], bool(x.get("use_rslora", False)), x["lr"])
+            == (r, lora_alpha, bool(use_rslora), lr)
+        ]  # fmt: skip
+        if not hits:
+            opts = self.options(r, use_rslora, lora_alpha)
+            raise ValueError(
+                f"the sweep has no run r={r}, alpha={lora_alpha:g}, rsLoRA={bool(use_rslora)}, lr={lr:g}; "
+                f"it has r in {opts['r']}, then alpha in {opts['lora_alpha']}, lr in {opts['lr']} "
+                "(see SweepExplorer.options), or train it with train_short_run"
+            )
+        return hits[0]
+
+    def series(self) -> list[dict]:
+        """The grid cut into series a slider can step through: one alpha rule at one lr, ranks ascending.
+
+        Each is {"name", "rule", "lr", "runs"}; a run sits in every series of its `alpha_rules`
+        (r=8, alpha=16 is in "alpha=2r" and in "alpha=16"). Series come lr by lr (the sweep's main
+        lr, the one with most runs, first), then rule by rule (alpha=r, alpha=2r, fixed alphas, rsLoRA).
+        """
+        groups: dict[tuple, list[dict]] = {}
+        for run in self.grid:
+            rules = run.get("alpha_rules") or alpha_rules(
+                run["r"], run["lora_alpha"], run.get("use_rslora", False)
+            )
+            for rule in rules:
+                groups.setdefault((run["lr"], rule), []).append(run)
+        lr_count = {}
+        for lr, _ in groups:
+            lr_count[lr] = lr_count.get(lr, 0) + 1
+        keys = sorted(groups, key=lambda k: (-lr_count[k[0]], k[0], _rule_key(k[1])))
+        return [
+            {"name": f"{rule}, lr={lr:g}", "rule": rule, "lr": lr, "runs": sorted(groups[(lr, rule)], key=lambda x: x["r"])}
+            for lr, rule in keys
+        ]  # fmt: skip
 
     def nearest(self, r: int, lora_alpha: float, use_rslora: bool, lr: float) -> dict:
         """The cached run closest to the request: same rsLoRA flag if the grid has it, then the least
@@ -172,13 +265,9 @@ class SweepExplorer:
             view["family"], x="r", y=y, group="alpha_rules", ax=ax_sweep, highlight=view["run"],
             title=f"{y.replace('_', ' ')} vs r at lr={view['run']['lr']:g}",
         )  # fmt: skip
-        req = view["requested"]
-        fig.suptitle(
-            f"r={req['r']}  alpha={req['lora_alpha']:g}  {'rsLoRA' if req['use_rslora'] else 'alpha/r'}  "
-            f"lr={req['lr']:g}  ->  scaling={view['scaling']:.3g}"
-            + (f"   ({view['note']})" if view["note"] else ""),
-            fontsize=9,
-        )
+        fresh = len(view["curves"]) - 1
+        note = f"   (+ {fresh} fresh run{'s' if fresh > 1 else ''})" if fresh else ""
+        fig.suptitle(run_title(view["run"]) + note, fontsize=9)  # the run drawn, never the request
         return fig
 
 
@@ -352,13 +441,25 @@ def train_short_run(r: int, lora_alpha: float, use_rslora: bool = False, lr: flo
     return run
 
 
-def explorer(results: dict | None = None, steps: int | None = None, **train_kwargs):
-    """The live widget: sliders for r, alpha, learning rate, a rsLoRA checkbox, and a train button.
+def _closest(options: list, value) -> object:
+    """The option nearest `value` on a log scale (ties: the smaller), or `value` itself if offered."""
+    if value in options:
+        return value
+    return min(options, key=lambda v: (abs(_log(v) - _log(value)), v))
 
-    Moving a control redraws from the cache at once; the button trains with the exact values (see
-    `train_short_run`; steps, batch size, task and target modules default to the sweep's own, so the
-    new curve is comparable) and adds the curve. Returns the ipywidgets container: `.controls` holds
-    the sliders, `.view` what the figure shows, `.explorer` the `SweepExplorer` behind it.
+
+def explorer(results: dict | None = None, steps: int | None = None, **train_kwargs):
+    """The live widget: sliders for r, alpha and learning rate, an alpha/r | rsLoRA toggle, a train button.
+
+    Every control offers only settings the sweep ran: the r slider every cached rank; the toggle,
+    then the alpha slider, then the lr slider only the values that exist with the controls before
+    them (`SweepExplorer.options`). When a choice leaves the current value without a run, the
+    control moves to the nearest value that has one. So the plot always shows exactly the run its
+    title names. Moving a control redraws from the cache at once; the button retrains the shown
+    setting from scratch (see `train_short_run`; steps, batch size, task and target modules default
+    to the sweep's own, so the curves are comparable) and adds that fresh curve beside the cached one.
+    Returns the ipywidgets container: `.controls` holds the controls, `.view` what the figure shows,
+    `.explorer` the `SweepExplorer` behind it.
     """
     import ipywidgets as w
     import matplotlib.pyplot as plt
@@ -370,23 +471,25 @@ def explorer(results: dict | None = None, steps: int | None = None, **train_kwar
     for key in ("task", "batch_size", "seq_len", "seed", "target_modules"):
         if key in meta:
             train_kwargs.setdefault(key, meta[key])
-    ch = ex.choices()
-    r_slider = w.SelectionSlider(options=ch["r"], value=8 if 8 in ch["r"] else ch["r"][0], description="r")
-    alpha_slider = w.SelectionSlider(
-        options=ch["lora_alpha"],
-        value=16 if 16 in ch["lora_alpha"] else ch["lora_alpha"][0],
-        description="alpha",
-    )
-    lr_slider = w.SelectionSlider(
-        options=[(f"{v:g}", v) for v in ch["lr"]], value=ch["lr"][len(ch["lr"]) // 2], description="lr"
-    )
-    rslora_box = w.Checkbox(value=False, description="rsLoRA (alpha/sqrt(r))")
-    button = w.Button(description=f"train {steps} steps", icon="play")
+    r_slider, rs_toggle, alpha_slider, lr_slider = _explorer_controls(ex, meta.get("lr", 3e-3))
+    button = w.Button(description=f"retrain ({steps} steps)", icon="play")
     out = w.Output()
     log = w.Output()
+    busy = []  # non-empty while the controls are being restricted: one redraw at the end
+
+    def restrict(*_):
+        busy.append(True)  # no redraw while the options change
+        try:
+            _restrict_controls(ex, r_slider, rs_toggle, alpha_slider, lr_slider)
+        finally:
+            busy.pop()
+        return redraw()
 
     def redraw(*_):
-        view = ex.select(r_slider.value, alpha_slider.value, rslora_box.value, lr_slider.value)
+        if busy:
+            return None
+        run = ex.run(r_slider.value, alpha_slider.value, rs_toggle.value, lr_slider.value)
+        view = ex.select(run["r"], run["lora_alpha"], bool(run.get("use_rslora", False)), run["lr"])
         box.view = view  # what the figure shows, for tests and for the curious reader
         with out:
             out.clear_output(wait=True)
@@ -402,7 +505,7 @@ def explorer(results: dict | None = None, steps: int | None = None, **train_kwar
                 run = train_short_run(
                     r_slider.value,
                     alpha_slider.value,
-                    rslora_box.value,
+                    rs_toggle.value,
                     lr_slider.value,
                     steps=steps,
                     **train_kwargs,
@@ -412,17 +515,286 @@ def explorer(results: dict | None = None, steps: int | None = None, **train_kwar
         finally:
             button.disabled = False
 
-    for control in (r_slider, alpha_slider, lr_slider, rslora_box):
-        control.observe(redraw, names="value")
+    for control in (r_slider, rs_toggle, alpha_slider):
+        control.observe(restrict, names="value")
+    lr_slider.observe(redraw, names="value")
     button.on_click(on_train)
-    box = w.VBox([w.HBox([r_slider, alpha_slider]), w.HBox([lr_slider, rslora_box, button]), out, log])
+    box = w.VBox([w.HBox([r_slider, rs_toggle]), w.HBox([alpha_slider, lr_slider, button]), out, log])
     box.view = None
     box.explorer = ex
-    box.controls = {"r": r_slider, "lora_alpha": alpha_slider, "lr": lr_slider, "use_rslora": rslora_box}
+    box.controls = {"r": r_slider, "lora_alpha": alpha_slider, "lr": lr_slider, "use_rslora": rs_toggle}
     box.redraw = redraw
     box.train_button = button
-    redraw()
+    restrict()
     return box
+
+
+def _explorer_controls(ex: SweepExplorer, lr: float) -> tuple:
+    """The r slider, alpha/r | rsLoRA toggle, alpha and lr sliders, set to a run near r=8, alpha=16."""
+    import ipywidgets as w
+
+    start = ex.nearest(8, 16, False, lr)
+    opts = ex.options(start["r"], start.get("use_rslora", False), start["lora_alpha"])
+    r_slider = w.SelectionSlider(options=opts["r"], value=start["r"], description="r")
+    rs_toggle = w.ToggleButtons(
+        options=[("alpha/r", False), ("rsLoRA", True)], value=bool(start.get("use_rslora", False)),
+        description="scaling",
+    )  # fmt: skip
+    alpha_slider = w.SelectionSlider(
+        options=opts["lora_alpha"], value=start["lora_alpha"], description="alpha"
+    )
+    lr_slider = w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in opts["lr"]], value=start["lr"], description="lr"
+    )
+    return r_slider, rs_toggle, alpha_slider, lr_slider
+
+
+def _restrict_controls(ex: SweepExplorer, r_slider, rs_toggle, alpha_slider, lr_slider) -> None:
+    """Offer in each control only the values that exist with the ones before it (r, rsLoRA, alpha,
+    lr); a value left without a run moves to the nearest one that has one."""
+    flags = ex.options(r_slider.value)["use_rslora"]
+    labels = {False: "alpha/r", True: "rsLoRA"}
+    rs_value = rs_toggle.value if rs_toggle.value in flags else flags[0]
+    rs_toggle.options = [(labels[f], f) for f in flags]
+    rs_toggle.value = rs_value
+    alphas = ex.options(r_slider.value, rs_toggle.value)["lora_alpha"]
+    alpha_value = _closest(alphas, alpha_slider.value)
+    alpha_slider.options = alphas
+    alpha_slider.value = alpha_value
+    lrs = ex.options(r_slider.value, rs_toggle.value, alpha_slider.value)["lr"]
+    lr_value = _closest(lrs, lr_slider.value)
+    lr_slider.options = [(f"{v:g}", v) for v in lrs]
+    lr_slider.value = lr_value
+
+
+def _default_index(runs: list[dict], r: int = 8) -> int:
+    """Where a series' slider starts: the run whose rank is nearest `r` (the chapter's r=8)."""
+    return min(range(len(runs)), key=lambda i: (abs(_log(runs[i]["r"]) - _log(r)), runs[i]["r"]))
+
+
+def _panel_title(run: dict) -> str:
+    return f"final loss vs r, series at lr={run['lr']:g}"
+
+
+def _curve(run: dict) -> tuple[list, list]:
+    """x and y of traces 0 and 1: the run's loss curve and its point in the sweep panel."""
+    return [run["loss_steps"], [run["r"]]], [run["losses"], [run["final_loss"]]]
+
+
+def _series_update(series: list[dict], k: int) -> dict:
+    """Restyle for choosing series k: its default run's data, the lines of its lr, line k in bold."""
+    run = series[k]["runs"][_default_index(series[k]["runs"])]
+    (x0, x1), (y0, y1) = _curve(run)
+    return {
+        "x": [x0, x1, *[[x["r"] for x in s["runs"]] for s in series]],
+        "y": [y0, y1, *[[x["final_loss"] for x in s["runs"]] for s in series]],
+        "visible": [True, True, *[s["lr"] == series[k]["lr"] for s in series]],
+        "line.width": [2, 0, *[3.5 if i == k else 1.5 for i in range(len(series))]],
+    }
+
+
+def _sweep_controls(series: list[dict], first: dict, current: int) -> tuple[list, list]:
+    """One slider per series (steps: its runs, by rank) and one menu button per series."""
+    sliders, buttons = [], []
+    for k, s in enumerate(series):
+        steps = []
+        for run in s["runs"]:
+            (x0, x1), (y0, y1) = _curve(run)
+            steps.append({
+                "label": str(run["r"]), "method": "update",
+                "args": [{"x": [x0, x1], "y": [y0, y1]}, {"title.text": run_title(run)}, [0, 1]],
+            })  # fmt: skip
+        active = s["runs"].index(first) if k == current else _default_index(s["runs"])
+        sliders.append({
+            "active": active, "steps": steps, "visible": k == current, "x": 0.0, "len": 1.0, "y": -0.18,
+            "yanchor": "top", "pad": {"t": 10}, "currentvalue": {"prefix": f"{s['name']}:  r = "},
+        })  # fmt: skip
+        default = s["runs"][_default_index(s["runs"])]
+        layout = {f"sliders[{i}].visible": i == k for i in range(len(series))}
+        layout.update({
+            f"sliders[{k}].active": _default_index(s["runs"]), "title.text": run_title(default),
+            "annotations[1].text": _panel_title(default),
+        })  # fmt: skip
+        buttons.append({"label": s["name"], "method": "update", "args": [_series_update(series, k), layout]})
+    return sliders, buttons
+
+
+def _sweep_axes(fig, grid_runs: list[dict], ranks: list[int]) -> None:
+    """Fixed axis ranges over every run, so moving a control moves the data, not the axes."""
+    losses = [v for run in grid_runs for v in run["losses"] if v is not None and v > 0]
+    finals = [run["final_loss"] for run in grid_runs if run.get("final_loss") is not None]
+    grid = {"showgrid": True, "gridcolor": "#dddddd", "linecolor": "#444444", "zeroline": False}
+    fig.update_xaxes(
+        title_text="step", range=[0, max(x["loss_steps"][-1] for x in grid_runs) + 1], row=1, col=1, **grid
+    )
+    fig.update_yaxes(
+        title_text="training loss (log)", type="log", row=1, col=1,
+        range=[math.log10(min(losses)) - 0.05, math.log10(max(losses)) + 0.05], **grid,
+        tickvals=[v for v in (0.1, 0.2, 0.5, 1, 2, 5, 10) if min(losses) / 2 <= v <= max(losses) * 2],
+    )  # fmt: skip
+    fig.update_xaxes(
+        title_text="r (log)", type="log", tickvals=ranks, ticktext=[str(r) for r in ranks], row=1, col=2,
+        range=[_log(ranks[0]) * math.log10(2) - 0.1, _log(ranks[-1]) * math.log10(2) + 0.1], **grid,
+    )  # fmt: skip
+    pad = 0.05 * (max(finals) - min(finals))
+    fig.update_yaxes(
+        title_text="final loss", range=[min(finals) - pad, max(finals) + pad], row=1, col=2, **grid
+    )
+
+
+def sweep_figure(results: dict, start: tuple = (8, 16, False, 3e-3)):
+    """The sweep as a plotly figure that runs in the browser, with no kernel.
+
+    Left panel: the loss curve of the selected run. Right panel: final loss against r for every
+    series at the selected run's learning rate, the selected run marked. A menu picks the series
+    (one alpha rule at one lr, `SweepExplorer.series`); each series has its own slider whose steps
+    are exactly its runs, one per rank, so every position of every control is a run the sweep
+    holds. The title is `run_title` of the run drawn. Every step is precomputed (plotly's "update"
+    method swaps the data), so the figure is a static file: no Python behind it.
+    `start` = (r, alpha, rsLoRA, lr) of the run shown first (the nearest cached one).
+    """
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError as err:
+        raise ImportError(
+            "the sweep figure needs plotly: pip install plotly (pinned in LoRA Lab's 'book' extra)"
+        ) from err
+
+    from lora_lab.plot import COLORS
+
+    ex = SweepExplorer(results)
+    series = ex.series()
+    first = ex.nearest(*start)
+    fixed = f"alpha={first['lora_alpha']:g}"
+    holding = [i for i, s in enumerate(series) if first in s["runs"]]
+    current = next((i for i in holding if series[i]["rule"] == fixed), holding[0])  # the fixed-alpha series
+    rules = list(dict.fromkeys(s["rule"] for s in series))
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss curve of this run", _panel_title(first)))
+    (x0, x1), (y0, y1) = _curve(first)
+    fig.add_trace(
+        go.Scatter(x=x0, y=y0, mode="lines", name="selected run: loss", line={"color": COLORS[0]}), 1, 1
+    )
+    fig.add_trace(
+        go.Scatter(x=x1, y=y1, mode="markers", name="selected run: final loss",
+                   marker={"size": 14, "color": "rgba(0,0,0,0)", "line": {"width": 2.5, "color": "#222222"}}),
+        1, 2,
+    )  # fmt: skip
+    start_update = _series_update(series, current)
+    for i, s in enumerate(series):
+        fig.add_trace(
+            go.Scatter(
+                x=[x["r"] for x in s["runs"]], y=[x["final_loss"] for x in s["runs"]], mode="lines+markers",
+                name=s["name"], visible=start_update["visible"][i + 2],
+                line={"color": COLORS[rules.index(s["rule"]) % len(COLORS)], "width": start_update["line.width"][i + 2],
+                      "dash": "solid" if s["lr"] == series[0]["lr"] else "dot"},
+            ),
+            1, 2,
+        )  # fmt: skip
+    sliders, buttons = _sweep_controls(series, first, current)
+    fig.update_layout(
+        title={"text": run_title(first), "x": 0.5, "y": 0.97, "font": {"size": 15}},
+        template="none", paper_bgcolor="white", plot_bgcolor="white", font={"color": "#222222", "size": 12},
+        height=600, margin={"t": 120, "b": 190, "l": 60, "r": 20},
+        updatemenus=[{
+            "buttons": buttons, "active": current, "direction": "down", "x": 0.17, "xanchor": "left",
+            "y": 1.2, "yanchor": "bottom", "showactive": True,
+        }],
+        sliders=sliders,
+        legend={"orientation": "h", "x": 0.0, "y": -0.62, "yanchor": "top", "font": {"size": 11}},
+    )  # fmt: skip
+    fig.add_annotation(text="series:", x=0.0, y=1.2, xref="paper", yref="paper", xanchor="left", yanchor="bottom",
+                       yshift=8, showarrow=False, font={"size": 13})  # fmt: skip
+    _sweep_axes(fig, ex.grid, ex.options()["r"])
+    return fig
+
+
+class SweepFigure:
+    """Displays `sweep_figure(results)` in the rendered book and in JupyterLab, small either way.
+
+    The output carries three forms, and each front end picks the one it can show:
+    - "text/html": a div and a short script calling `Plotly.newPlot`. The book serves plotly.js
+      itself (the `book_assets` Sphinx extension copies it from the plotly package and loads it on
+      pages holding such a div), so the page works offline; plotly.js (4.8 MB) is never pasted into
+      the notebook. Where no plotly.js is loaded (Colab, classic front ends) the div says how to
+      see the figure instead of failing.
+    - "application/vnd.plotly.v1+json": the figure's JSON, drawn by JupyterLab's plotly renderer
+      (installed with plotly) and VS Code.
+    - "text/plain": one line naming what the figure holds.
+    """
+
+    DIV_ID = "lora-lab-sweep-explorer"
+
+    def __init__(self, results: dict, **kwargs):
+        self.figure = sweep_figure(results, **kwargs)
+        self.n_series = len(self.figure.layout.updatemenus[0].buttons)
+        self.n_runs = len(SweepExplorer(results).grid)
+
+    def config(self) -> dict:
+        return {"displayModeBar": False, "responsive": True}
+
+    def html(self) -> str:
+        import plotly.io as pio
+
+        body = pio.to_json({"data": self.figure.data, "layout": self.figure.layout, "config": self.config()},
+                           validate=False, engine="json")  # fmt: skip
+        body = body.replace("</", "<\\/")  # no "</script>" inside the script
+        missing = (
+            "This interactive figure needs plotly.js, which the rendered book serves. Here, run "
+            "widgets.sweep_figure(sweep).show() (plotly's own renderer) or use the explorer above."
+        )
+        return (
+            f'<div class="lora-lab-plotly" id="{self.DIV_ID}" style="width:100%;min-height:600px"></div>\n'
+            '<script type="text/javascript">\n'
+            "(function () {\n"
+            f'  var el = document.getElementById("{self.DIV_ID}");\n'
+            f"  var fig = {body};\n"
+            "  if (window.Plotly) { Plotly.newPlot(el, fig.data, fig.layout, fig.config); }\n"
+            f'  else {{ el.style.minHeight = "0"; el.textContent = {json.dumps(missing)}; }}\n'
+            "})();\n"
+            "</script>"
+        )
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        import plotly.io as pio
+
+        spec = json.loads(pio.to_json(self.figure, validate=False, engine="json"))
+        spec["config"] = self.config()
+        return {
+            "text/plain": f"<SweepFigure: {self.n_runs} cached runs in {self.n_series} series (plotly)>",
+            "text/html": self.html(),
+            "application/vnd.plotly.v1+json": spec,
+        }
+
+
+class Explorer:
+    """Both explorers as one notebook output: ipywidgets under a kernel, plotly in the rendered page.
+
+    `explore(results)` builds it; `.widget` is the ipywidgets explorer (`explorer`), `.figure` the
+    plotly one (`SweepFigure`). Its output bundle holds the widget's view and the figure's HTML:
+    Jupyter and Colab draw the widget (their widget renderer outranks HTML); the book shows the
+    HTML, because `tools/nb.py` strips widget views from committed notebooks (their model ids
+    change every run and no kernel backs them in a page). `.figure` displays the plotly figure
+    alone, e.g. in JupyterLab.
+    """
+
+    def __init__(self, widget, figure: SweepFigure):
+        self.widget = widget
+        self.figure = figure
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        bundle = self.figure._repr_mimebundle_()
+        bundle.pop("application/vnd.plotly.v1+json")  # one figure per output: the widget in a kernel
+        view = self.widget._repr_mimebundle_()
+        bundle.update({k: v for k, v in view.items() if k != "text/plain"})
+        return bundle
+
+
+def explore(results: dict | None = None, **kwargs) -> Explorer:
+    """The chapter's explorer cell: `explorer(results, **kwargs)` and `SweepFigure(results)` in one output."""
+    widget = explorer(results, **kwargs)
+    return Explorer(widget, SweepFigure(widget.explorer.results))
 
 
 def static_explorer_figure(results: dict, settings: list[dict], y: str = "final_loss"):

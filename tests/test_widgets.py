@@ -116,17 +116,102 @@ def test_figure_draws_the_selected_curve_and_its_family():
     assert list(selected.get_xdata()) == [8] and list(selected.get_ydata()) == [view["run"]["final_loss"]]
 
 
-def test_widget_sliders_redraw_from_the_cache():
-    box = widgets.explorer(fake_results())
+def sparse_results() -> dict:
+    """Shaped like the real sweep: the second learning rate only at r=4 and r=32, alpha=16."""
+    results = fake_results()
+    results["runs"] = [
+        x for x in results["runs"] if x["lr"] == 3e-3 or (x["r"] in (4, 32) and x["lora_alpha"] == 16)
+    ]
+    return results
+
+
+def test_run_title_names_the_run_and_its_scaling():
+    assert widgets.run_title({"r": 8, "lora_alpha": 16, "use_rslora": False, "lr": 3e-3}) == (
+        "r=8, alpha=16, lr=0.003, scaling alpha/r = 2"
+    )
+    assert widgets.run_title({"r": 64, "lora_alpha": 16, "use_rslora": True, "lr": 1e-2}) == (
+        "r=64, alpha=16, lr=0.01, rsLoRA: scaling alpha/sqrt(r) = 2"
+    )
+
+
+def test_options_offer_only_values_that_exist_given_the_earlier_ones():
+    ex = widgets.SweepExplorer(sparse_results())
+    assert ex.options()["r"] == list(R_VALUES)
+    assert ex.options(64)["use_rslora"] == [False, True]
+    assert ex.options(64, False)["lora_alpha"] == [16, 64, 128]
+    assert ex.options(64, True)["lora_alpha"] == [16]
+    assert ex.options(64, False, 16)["lr"] == [3e-3]  # the other lr exists only at r=4 and r=32
+    assert ex.options(32, True, 16)["lr"] == [1e-3, 3e-3]
+    assert ex.options(32, False, 64)["lr"] == [3e-3]
+    # every combination the options allow is a run, and every run is reachable
+    reachable = {
+        (r, a, rs, lr)
+        for r in ex.options()["r"]
+        for rs in ex.options(r)["use_rslora"]
+        for a in ex.options(r, rs)["lora_alpha"]
+        for lr in ex.options(r, rs, a)["lr"]
+    }
+    assert reachable == {(x["r"], x["lora_alpha"], x["use_rslora"], x["lr"]) for x in ex.grid}
+    assert ex.run(32, 16, True, 1e-3)["lr"] == 1e-3
+    with pytest.raises(ValueError, match=r"no run r=64, alpha=16, rsLoRA=False, lr=0.001.*lr in \[0.003\]"):
+        ex.run(64, 16, False, 1e-3)
+
+
+def test_series_step_through_the_ranks_of_one_rule_at_one_lr():
+    ex = widgets.SweepExplorer(sparse_results())
+    series = ex.series()
+    names = [s["name"] for s in series]
+    assert names[:4] == [
+        "alpha=r, lr=0.003",
+        "alpha=2r, lr=0.003",
+        "alpha=16, lr=0.003",
+        "rsLoRA alpha=16, lr=0.003",
+    ]
+    assert names[4:] == ["alpha=16, lr=0.001", "rsLoRA alpha=16, lr=0.001"]
+    assert [x["r"] for x in series[4]["runs"]] == [4, 32]
+    for s in series:
+        assert all(s["rule"] in x["alpha_rules"] and x["lr"] == s["lr"] for x in s["runs"])
+        assert [x["r"] for x in s["runs"]] == sorted(x["r"] for x in s["runs"])
+    # r=8, alpha=16 is both alpha=2r and alpha=16
+    assert sum(ex.run(8, 16) in s["runs"] for s in series) == 2
+
+
+def test_figure_title_names_the_run_drawn_not_the_request():
+    ex = widgets.SweepExplorer(fake_results())
+    view = ex.select(r=5, lora_alpha=16, lr=2e-3)  # no such run: r=4, lr=3e-3 is drawn
+    fig = ex.figure(view)
+    assert (
+        fig.get_suptitle()
+        == widgets.run_title(view["run"])
+        == ("r=4, alpha=16, lr=0.003, scaling alpha/r = 4")
+    )
+
+
+def test_widget_offers_only_existing_runs_and_titles_the_one_drawn():
+    box = widgets.explorer(sparse_results())
+    c = box.controls
     assert box.view["run"]["r"] == 8  # the starting point
-    box.controls["r"].value = 32
-    assert box.view["run"]["r"] == 32
-    box.controls["use_rslora"].value = True
-    assert box.view["run"]["use_rslora"] and box.view["scaling"] == pytest.approx(16 / math.sqrt(32))
-    box.controls["lr"].value = 1e-3
-    assert box.view["run"]["lr"] == 1e-3
-    box.controls["lora_alpha"].value = 64  # r=32, alpha=64: the alpha=2r family (no rsLoRA run there)
-    assert box.view["requested"]["lora_alpha"] == 64
+    assert list(c["r"].options) == list(R_VALUES)
+    assert list(c["lora_alpha"].options) == [8, 16]  # r=8: alpha=r and alpha=16 (= 2r)
+    c["r"].value = 32
+    assert box.view["run"]["r"] == 32 and box.view["exact"]
+    assert [v for _, v in c["lr"].options] == [1e-3, 3e-3]
+    c["lr"].value = 1e-3
+    c["use_rslora"].value = True
+    assert list(c["lora_alpha"].options) == [16]
+    assert box.view["run"]["use_rslora"] and box.view["run"]["lr"] == 1e-3
+    assert box.view["scaling"] == pytest.approx(16 / math.sqrt(32))
+    c["r"].value = 64  # lr=1e-3 does not exist at r=64: the lr moves to the one that does
+    assert [v for _, v in c["lr"].options] == [3e-3] and c["lr"].value == 3e-3
+    assert (box.view["run"]["r"], box.view["run"]["lr"], box.view["run"]["use_rslora"]) == (64, 3e-3, True)
+    c["use_rslora"].value = False
+    assert list(c["lora_alpha"].options) == [16, 64, 128]
+    c["lora_alpha"].value = 128
+    assert box.view["run"]["lora_alpha"] == 128 and box.view["scaling"] == 2.0
+    c["r"].value = 2  # alpha=128 does not exist at r=2: the nearest alpha that does (16)
+    assert c["lora_alpha"].value == 16 and box.view["run"]["lora_alpha"] == 16
+    fig = box.explorer.figure(box.view)
+    assert fig.get_suptitle() == widgets.run_title(box.view["run"])
 
 
 def test_train_button_adds_a_fresh_curve_with_the_slider_values(monkeypatch):
@@ -269,3 +354,58 @@ def test_quick_sweep_writes_results_the_explorer_reads(tmp_path, tiny_model_dir)
     rescored = sweep.main(["--rescore", str(out), "--target-loss", str(high)])
     assert all(run["steps_to_target"] == 3 for run in rescored["runs"])  # window 3: first possible at step 3
     assert rescored["meta"]["target_loss"] == high and "--rescore" in rescored["meta"]["steps_to_target_note"]
+
+
+# ---------------------------------------------------------------------------- the plotly explorer
+
+
+def _step_title(step):
+    return step["args"][1]["title.text"]
+
+
+def test_sweep_figure_steps_are_exactly_the_cached_runs():
+    results = sparse_results()
+    ex = widgets.SweepExplorer(results)
+    fig = widgets.sweep_figure(results)
+    series = ex.series()
+    menu = fig.layout.updatemenus[0]
+    assert [b.label for b in menu.buttons] == [s["name"] for s in series]
+    assert len(fig.layout.sliders) == len(series)
+    assert [sl.visible for sl in fig.layout.sliders].count(True) == 1
+    by_title = {widgets.run_title(x): x for x in ex.grid}
+    for slider, s in zip(fig.layout.sliders, series):
+        assert [st.label for st in slider.steps] == [str(x["r"]) for x in s["runs"]]
+        for step, run in zip(slider.steps, s["runs"]):
+            data = step.args[0]
+            assert _step_title(step) == widgets.run_title(run) and _step_title(step) in by_title
+            assert list(data["y"][0]) == run["losses"] and list(data["x"][0]) == run["loss_steps"]
+            assert list(data["x"][1]) == [run["r"]] and list(data["y"][1]) == [run["final_loss"]]
+    # it starts at r=8, alpha=16, lr=3e-3 in the fixed-alpha series, and says so
+    assert fig.layout.title.text == "r=8, alpha=16, lr=0.003, scaling alpha/r = 2"
+    assert menu.buttons[menu.active].label == "alpha=16, lr=0.003"
+    assert list(fig.data[0].y) == ex.run(8, 16)["losses"]
+    # choosing a series shows its default run, the lines at its lr only, and its slider only
+    chosen = menu.buttons[4]  # alpha=16 at lr=1e-3: r=4 and r=32
+    restyle, relayout = chosen.args
+    assert relayout["title.text"] == "r=4, alpha=16, lr=0.001, scaling alpha/r = 4"
+    assert restyle["visible"] == [True, True] + [s["lr"] == 1e-3 for s in series]
+    assert [relayout[f"sliders[{i}].visible"] for i in range(len(series))] == [
+        i == 4 for i in range(len(series))
+    ]
+
+
+def test_sweep_figure_html_needs_no_network_and_bundle_forms():
+    results = sparse_results()
+    page = widgets.SweepFigure(results)
+    html = page.html()
+    assert html == widgets.SweepFigure(results).html()  # deterministic: nbval compares it
+    assert 'class="lora-lab-plotly"' in html and "Plotly.newPlot" in html
+    assert "http" not in html and "cdn" not in html.lower()  # plotly.js comes from the page, not here
+    assert "</script>" not in html.split("<script", 1)[1][: -len("</script>")]
+    bundle = page._repr_mimebundle_()
+    assert set(bundle) == {"text/plain", "text/html", "application/vnd.plotly.v1+json"}
+    assert bundle["application/vnd.plotly.v1+json"]["layout"]["title"]["text"].startswith("r=8, alpha=16")
+    live = widgets.explore(results)
+    both = live._repr_mimebundle_()
+    assert set(both) == {"text/plain", "text/html", "application/vnd.jupyter.widget-view+json"}
+    assert both["text/html"] == html and live.widget.view["run"]["r"] == 8

@@ -387,35 +387,83 @@ plot.plot_alpha_vs_lr(sweep, "norm_ratio_step1")
 #
 # ## Explore the sweep
 #
-# In Jupyter or Colab, the cell below shows sliders for r, alpha and the learning rate, an
-# rsLoRA checkbox, and a button that trains a fresh run with the exact values and adds its
-# curve. Moving a slider redraws at once from the cached sweep (the nearest cached run).
+# The cell below is the explorer, and what it shows depends on where you read it.
+#
+# - **In the book's web page** (no kernel, no network): a figure drawn by plotly in your
+#   browser. Pick a series of runs in the menu (one alpha rule at one learning rate; the sweep has
+#   {glue:text}`exp_n_series` of them over {glue:text}`exp_n_runs` cached runs) and drag
+#   the slider through the ranks that series ran. The left panel is that run's loss curve;
+#   the right one puts its final loss among the other series at the same learning rate.
+#   The title names the run drawn: r, alpha, lr and the scaling it gets, alpha/r or
+#   rsLoRA's alpha/sqrt(r). Every slider position is a run the sweep trained; nothing
+#   between them is made up.
+# - **In Jupyter or Colab**: the same cell builds the ipywidgets explorer instead (its
+#   plotly figure is `live.figure`). Its controls offer only settings the sweep ran: pick
+#   r, then alpha/r or rsLoRA, then alpha, then the learning rate, and each control lists
+#   only what exists with the choices before it. A button retrains the shown setting from
+#   scratch with the sweep's loop and adds the fresh curve beside the cached one.
 
-# %% tags=["nbval-ignore-output", "remove-output"]
-live = widgets.explorer(sweep)
+# %% tags=["nbval-ignore-output"]
+live = widgets.explore(sweep)
 live
 
 # %% [markdown]
+# Both explorers read the same cache and cannot offer a run it lacks: the page's sliders
+# step through exactly the cached runs, and the widget's controls narrow as you choose.
+# At r=64 without rsLoRA the alpha slider offers {glue:text}`exp_alphas_64`, and the
+# learning rate only {glue:text}`exp_lrs_64`: the other rates were run at r =
+# {glue:text}`exp_lr_ranks` only.
+
+# %%
+ex = live.widget.explorer
+steps = [(s["name"], x) for s in ex.series() for x in s["runs"]]
+page = live.figure.figure
+sliders = page.layout.sliders
+titles = {st.args[1]["title.text"] for sl in sliders for st in sl.steps}
+assert len(sliders) == len(ex.series())
+assert sum(len(sl.steps) for sl in sliders) == len(steps)
+assert titles == {widgets.run_title(x) for x in ex.grid}  # every run, no other
+assert page.layout.title.text == widgets.run_title(ex.run(8, 16))
+for lr in sorted({x["lr"] for x in ex.grid}):
+    names = [s["name"] for s in ex.series() if s["lr"] == lr]
+    print(f"lr={lr:g}:", "; ".join(names))
+alphas_64 = ex.options(64, False)["lora_alpha"]
+lrs_64 = ex.options(64, False, 16)["lr"]
+lr_ranks = sorted({x["r"] for x in ex.grid if x["lr"] != LR})
+assert lrs_64 == [LR] and len(ex.options(32, False, 16)["lr"]) == 3
+glue("exp_n_series", len(ex.series()))
+glue("exp_n_runs", len(ex.grid))
+glue("exp_alphas_64", ", ".join(f"{a:g}" for a in alphas_64))
+glue("exp_lrs_64", ", ".join(f"{v:g}" for v in lrs_64))
+glue("exp_lr_ranks", " and ".join(map(str, lr_ranks)))
+print("r=64, alpha/r: alpha in", alphas_64, "| alpha=16: lr in", lrs_64)
+print("ranks run at the other learning rates:", lr_ranks)
+
+# %% [markdown]
 # The widget's data is plain Python, so it can be checked without a browser: moving the
-# r slider from r=8 to r=64 at alpha=16 selects a different cached run with a smaller scaling.
+# r slider from r=8 to r=64 at alpha=16 selects a different cached run with a smaller
+# scaling, and the title names that run.
 
 # %% tags=["nbval-ignore-output"]
 # (without a browser, each redraw may also print the figure's repr)
-live.controls["lr"].value = 3e-3
-live.controls["r"].value = 64
-view_64 = live.view
-live.controls["use_rslora"].value = True
-view_rs = live.view
+controls = live.widget.controls
+controls["lr"].value = 3e-3
+controls["r"].value = 64
+view_64 = live.widget.view
+controls["use_rslora"].value = True
+view_rs = live.widget.view
 
 # %%
 assert view_64["run"]["r"] == 64 and view_64["scaling"] == 16 / 64
 assert view_rs["run"]["use_rslora"] and view_rs["scaling"] == 2.0
+title_rs = ex.figure(view_rs).get_suptitle()
+assert title_rs == widgets.run_title(view_rs["run"])
 print(view_64["run"]["label"], "| scaling", view_64["scaling"])
-print(view_rs["run"]["label"], "| scaling", view_rs["scaling"])
+print(view_rs["run"]["label"], "| title:", title_rs)
 
 # %% [markdown]
-# For the static book, the same two panels for three settings: r=8 with alpha=16, r=64
-# with alpha=16, and r=64 with alpha=16 under rsLoRA.
+# The same two panels drawn with matplotlib, for three settings side by side: r=8 with
+# alpha=16, r=64 with alpha=16, and r=64 with alpha=16 under rsLoRA.
 
 # %%
 widgets.static_explorer_figure(sweep, [

@@ -184,3 +184,57 @@ def test_figures_stay_legible_in_the_dark_theme(server, browser):
     assert n_figures > 10, f"only {n_figures} figures found: did the selector change?"
     assert shot is not None and shot.stat().st_size > 10_000
     assert not problems, "\n".join(problems)
+
+
+EXPLORER = "#lora-lab-sweep-explorer"  # the div lora_lab.widgets.SweepFigure writes
+PLOTTED = f"() => ({{title: document.querySelector('{EXPLORER} .gtitle').textContent, " \
+    f"y: Array.from(document.querySelector('{EXPLORER}').data[0].y)}})"  # fmt: skip
+
+
+def test_chapter_04_explorer_works_offline_and_its_controls_change_the_plot(server, browser):
+    """Chapter 04's r/alpha explorer is plotly, drawn in the page with no kernel. It must load
+    plotly.js from the book itself (every request stays on 127.0.0.1), and a real click on its
+    slider, then on its series menu, must change the run plotted: the loss curve and the title."""
+    rel = next((p for p in pages() if p.endswith("04_r_and_alpha.html")), None)
+    assert rel, "chapter 04 is not in the build"
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.route("**/*", lambda route: route.continue_() if "127.0.0.1" in route.request.url else route.abort())
+    page.goto(urljoin(server, rel), wait_until="load")
+    page.wait_for_selector(f"{EXPLORER} .slider-container", timeout=30_000)
+    outside = [u for u in requests if urlparse(u).hostname != "127.0.0.1" and not u.startswith("data:")]
+    assert not outside, f"requests leaving the machine: {outside[:5]}"
+    assert any(urlparse(u).path.endswith("/_static/plotly.min.js") for u in requests), (
+        "no plotly.js from the book"
+    )
+
+    before = page.evaluate(PLOTTED)
+    assert before["title"].startswith("r=") and len(before["y"]) > 2
+    page.locator(EXPLORER).scroll_into_view_if_needed()
+    labels = page.locator(f"{EXPLORER} .slider-labels text, {EXPLORER} .slider-label")
+    last_r = labels.last.text_content().strip()
+    rail = page.locator(f"{EXPLORER} .slider-rail-touch-rect").bounding_box()
+    page.mouse.click(rail["x"] + rail["width"] - 2, rail["y"] + rail["height"] / 2)  # the last step
+    page.wait_for_function(f"() => document.querySelector('{EXPLORER} .gtitle').textContent "
+                           f"!== {before['title']!r}", timeout=10_000)  # fmt: skip
+    after = page.evaluate(PLOTTED)
+    assert after["title"].startswith(f"r={last_r},"), (before["title"], after["title"], last_r)
+    assert after["y"] != before["y"], "the slider changed the title but not the plotted loss curve"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator(EXPLORER).screenshot(path=str(SHOTS / "chapter04_explorer.png"))
+
+    page.locator(f"{EXPLORER} .updatemenu-header-group").click()
+    items = page.locator(f"{EXPLORER} .updatemenu-item-text")
+    assert items.count() >= 2
+    choice = items.last.text_content().strip()  # e.g. "rsLoRA alpha=16, lr=0.01"
+    items.last.click()
+    page.wait_for_function(f"() => document.querySelector('{EXPLORER} .gtitle').textContent "
+                           f"!== {after['title']!r}", timeout=10_000)  # fmt: skip
+    menu = page.evaluate(PLOTTED)
+    assert f"lr={choice.split('lr=')[1]}," in menu["title"] and menu["y"] != after["y"]
+    assert ("rsLoRA" in menu["title"]) == choice.startswith("rsLoRA")
+    page.close()
+    assert not errors, errors
