@@ -47,6 +47,7 @@ def markup(text: str) -> Counter:
 def glossary_terms() -> list[tuple[str, str]]:
     """(English term, Chinese term) rows of the glossary's table of Chinese terms."""
     rows = re.findall(r"^\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|[^|]*\|\s*$", GLOSSARY.read_text(), re.M)
+    rows = [(en.strip("*"), zh) for en, zh in rows]
     return [(en, zh) for en, zh in rows if not set(en) <= set("-: ") and en != "English term"]
 
 
