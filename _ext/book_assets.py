@@ -13,7 +13,10 @@
    words only when jieba is installed. Here every run of Chinese characters is indexed as its
    single characters and overlapping pairs, and the search page splits a query the same way
    (pairs must all occur on a page), which finds any word of two or more characters.
-5. Glue roles work in translated text: Sphinx parses each translated message as a small
+5. The Chinese edition translates what Sphinx's gettext does not reach: the captions of the
+   table of contents (inserted by sphinx-external-toc after translation) and the book title
+   (html_title, from _config.yml), both with the root page's catalog.
+6. Glue roles work in translated text: Sphinx parses each translated message as a small
    document of its own, which has no notebook attached, so myst-nb's {glue:text}`key` found no
    data there ("No key ... found in glue data"). While Sphinx's Locale transform runs on a
    notebook, each translated message's document gets that notebook's glue data.
@@ -25,6 +28,7 @@ import re
 import shutil
 from pathlib import Path
 
+from sphinx import addnodes
 from sphinx.search import languages
 from sphinx.search.zh import SearchChinese
 
@@ -84,6 +88,32 @@ def _language_switch(app, pagename, templatename, context, doctree) -> None:
     else:
         link = SWITCH.format(lang="zh-CN", href=f"{up}{ZH}/{pagename}.html", label="中文")
     context["body"] = link + context["body"]
+
+
+def _catalog(app, docname: str):
+    """The gettext catalog of one page in this build's language (a no-op one in English)."""
+    from sphinx import locale
+    from sphinx.util.i18n import docname_to_domain
+
+    dirs = [str(Path(app.srcdir) / d) for d in app.config.locale_dirs]
+    domain = docname_to_domain(docname, app.config.gettext_compact)
+    catalog, _ = locale.init(dirs, app.config.language, domain)
+    return catalog
+
+
+def _translate_title(app) -> None:
+    if _is_chinese(app) and app.config.html_title:
+        app.config.html_title = _catalog(app, app.config.root_doc).gettext(app.config.html_title)
+
+
+def _translate_toc_captions(app, doctree) -> None:
+    if not _is_chinese(app):
+        return
+    catalog = None
+    for node in doctree.findall(addnodes.toctree):
+        if node.get("caption"):
+            catalog = catalog or _catalog(app, app.env.docname)
+            node["caption"] = node["rawcaption"] = catalog.gettext(node["caption"])
 
 
 def cjk_terms(text: str) -> list[str]:
@@ -169,6 +199,8 @@ def setup(app):
     _glue_in_translations()
     languages["zh"] = SearchChineseNgrams
     app.connect("html-page-context", _language_switch)
+    app.connect("builder-inited", _translate_title)
+    app.connect("doctree-read", _translate_toc_captions)
     app.config.mathjax_path = "mathjax/tex-mml-chtml.js"
     app.connect("build-finished", _copy_mathjax)
     app.connect("html-page-context", _drop_repeated_inline_scripts, priority=900)

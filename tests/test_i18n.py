@@ -71,7 +71,9 @@ def test_catalogs_hold_exactly_the_english_messages(catalogs, tmp_path):
         english = {m.id for m in templates[doc] if m.id}
         held = {m.id for m in catalogs[doc] if m.id}
         problems += [f"{doc}: new English not in the catalog: {m[:80]!r}" for m in sorted(english - held)]
-        problems += [f"{doc}: catalog message no longer in the English: {m[:80]!r}" for m in sorted(held - english)]
+        problems += [
+            f"{doc}: catalog message no longer in the English: {m[:80]!r}" for m in sorted(held - english)
+        ]
     assert not problems, "run `python tools/i18n.py update`, then translate:\n" + "\n".join(problems)
 
 
