@@ -120,3 +120,32 @@ def test_translations_use_the_glossary_terms(catalogs):
                 if re.search(pattern, m.id, re.I) and zh not in m.string and (doc, en) not in TERM_EXCEPTIONS:
                     problems.append(f"{doc}: {en!r} -> {zh!r} missing in the translation of {m.id[:70]!r}")
     assert not problems, "\n".join(problems)
+
+
+def test_update_keeps_marks_fuzzy_fills_from_compendium_and_drops(tmp_path, monkeypatch):
+    """tools/i18n.py update on a small made-up book (no Sphinx): the four rules of `update`."""
+    from babel.messages.catalog import Catalog
+
+    monkeypatch.setattr(i18n, "CATALOGS", tmp_path)
+    monkeypatch.setattr(i18n, "ROOT", tmp_path)
+    old = Catalog(locale=i18n.LANG)
+    old.add("LoRA freezes the base model and trains a small patch.", "LoRA 冻结基础模型，只训练一个小补丁。")
+    old.add("Merging adds the update into the weight.", "合并把更新量加进权重。")
+    old.add("A sentence that was removed.", "一个被删掉的句子。")
+    i18n.po_path("a").write_bytes(i18n.dump(old))
+    template_a, template_b = Catalog(), Catalog()
+    template_a.add("LoRA freezes the base model and trains a small patch.")  # unchanged
+    template_a.add("Merging adds the scaled update into the weight.")  # changed a little
+    template_b.add("A sentence that was removed.")  # moved to another page
+    template_b.add("Brand new text.")
+    i18n.update({"a": template_a, "b": template_b})
+    a, b = i18n.load(i18n.po_path("a")), i18n.load(i18n.po_path("b"))
+    assert (
+        a["LoRA freezes the base model and trains a small patch."].string
+        == "LoRA 冻结基础模型，只训练一个小补丁。"
+    )
+    changed = a["Merging adds the scaled update into the weight."]
+    assert changed.fuzzy and changed.string == "合并把更新量加进权重。"
+    assert a.get("A sentence that was removed.") is None
+    assert b["A sentence that was removed."].string == "一个被删掉的句子。"
+    assert i18n.counts(a) == (1, 1, 0) and i18n.counts(b) == (1, 0, 1)
