@@ -17,7 +17,7 @@ PYTEST := $(BIN)/python -m pytest tests chapters --ignore=tests/browser $(NBVAL_
 # `make WITH_VLLM= install` leaves vLLM out on Linux too.
 WITH_VLLM ?= $(and $(filter Linux,$(shell uname -s)),$(filter x86_64 aarch64,$(shell uname -m)))
 
-.PHONY: install book test test-other-machine test-latest browser-test lab notebooks clean-nb lint clean
+.PHONY: install book po test test-other-machine test-latest browser-test lab notebooks clean-nb lint clean
 
 install: $(STAMP)
 
@@ -36,9 +36,16 @@ endif
 	$(BIN)/python -c "import peft, trl, bitsandbytes, transformers, lora_lab; print('environment ok: peft', peft.__version__, 'torch', __import__('torch').__version__)"
 	touch $(STAMP)
 
+# Both editions: English in _build/html, Chinese (same notebooks, prose from locales/zh_CN) in
+# _build/html/zh_CN; both with warnings as errors.
 book: install
 	$(BIN)/jupyter-book build . -W -n --keep-going
-	@echo "book written to _build/html/index.html"
+	$(BIN)/python tools/i18n.py build
+	@echo "book written to _build/html/index.html (Chinese edition: _build/html/zh_CN/index.html)"
+
+# The English changed: update the Chinese catalogs (keeps translations, marks changed ones fuzzy).
+po: install
+	$(BIN)/python tools/i18n.py update
 
 test: install
 	$(PYTEST)

@@ -4,6 +4,8 @@ Run by `make browser-test` after `make book` (and by .ci/run). It serves `_build
 127.0.0.1, opens every page, and checks: no console errors or uncaught exceptions, no broken
 internal links or images, no code block scrolling sideways, math rendered by MathJax, search
 finds a term, every notebook figure keeps an opaque light background in the dark theme.
+The Chinese edition (`_build/html/zh_CN`, same checks on every page) is checked too: each page
+links to its counterpart in the other language and back, and search finds Chinese words.
 Requests that would leave 127.0.0.1 are blocked, so the book must be complete offline.
 Screenshots of three pages, and one in the dark theme, go to `_build/screenshots/`.
 """
@@ -39,13 +41,19 @@ ARGS = [
 ]
 
 
+ZH = "zh_CN"  # the Chinese edition's folder inside _build/html (tools/i18n.py build)
+SWITCH = "p.lora-lab-language a"
+
+
 def pages() -> list[str]:
+    """Every reader's page of both editions (English first, then zh_CN/...)."""
     # index.html only redirects to the root page (intro.html).
     skip = {"genindex.html", "search.html", "index.html"}
     found = []
     for path in sorted(HTML.rglob("*.html")):
         rel = path.relative_to(HTML).as_posix()
-        if rel.startswith(("_static/", "_sources/", "_images/")) or rel in skip:
+        parts = rel.split("/")
+        if {"_static", "_sources", "_images"} & set(parts) or rel.removeprefix(f"{ZH}/") in skip:
             continue
         found.append(rel)
     return found
@@ -90,8 +98,19 @@ def test_every_page_loads_clean_with_working_links_images_and_math(server, brows
     problems = []
     all_pages = pages()
     assert "intro.html" in all_pages and len(all_pages) >= 2
+    english = [p for p in all_pages if not p.startswith(f"{ZH}/")]
+    assert sorted(f"{ZH}/{p}" for p in english) == [p for p in all_pages if p.startswith(f"{ZH}/")], (
+        "the Chinese edition must have exactly the English pages: run `make book`"
+    )
     for rel in all_pages:
         page, errors, failed = open_page(browser, urljoin(server, rel))
+        lang = page.get_attribute("html", "lang")
+        if lang != ("zh-CN" if rel.startswith(f"{ZH}/") else "en"):
+            problems.append(f"{rel}: html lang={lang!r}")
+        switch = page.eval_on_selector_all(SWITCH, "els => els.map(e => e.getAttribute('href'))")
+        counterpart = rel.removeprefix(f"{ZH}/") if rel.startswith(f"{ZH}/") else f"{ZH}/{rel}"
+        if len(switch) != 1 or ((HTML / rel).parent / switch[0]).resolve() != (HTML / counterpart).resolve():
+            problems.append(f"{rel}: language switch {switch} does not lead to {counterpart}")
         local_failed = [u for u in failed if "127.0.0.1" in u]
         if errors:
             problems.append(f"{rel}: console errors {errors[:3]}")
@@ -137,10 +156,34 @@ def test_search_finds_lora(server, browser):
     assert not errors, errors
 
 
+@pytest.mark.parametrize("word", ["微调", "适配器"])
+def test_search_finds_chinese_words_in_the_chinese_edition(server, browser, word):
+    page, errors, _ = open_page(browser, urljoin(server, f"{ZH}/search.html?q={word}"))
+    page.wait_for_selector("#search-results li, ul.search li", timeout=20_000)
+    hits = page.locator("ul.search li").count()
+    page.close()
+    assert hits > 0, f"search for {word!r} in the Chinese edition found nothing"
+    assert not errors, errors
+
+
+def test_language_switch_goes_to_the_counterpart_and_back(server, browser):
+    for start in ["chapters/00_intro.html", f"{ZH}/reference/glossary.html"]:
+        page, errors, _ = open_page(browser, urljoin(server, start))
+        page.click(SWITCH)
+        page.wait_for_load_state("load")
+        there = urlparse(page.url).path.lstrip("/")
+        page.click(SWITCH)
+        page.wait_for_load_state("load")
+        back = urlparse(page.url).path.lstrip("/")
+        page.close()
+        assert there == (start.removeprefix(f"{ZH}/") if start.startswith(ZH) else f"{ZH}/{start}")
+        assert back == start and not errors, (back, errors)
+
+
 def test_screenshots_of_three_pages(server, browser):
     SHOTS.mkdir(parents=True, exist_ok=True)
     chapters = [p for p in pages() if p.startswith("chapters/")]
-    chosen = ["intro.html", *chapters[:1], *chapters[-1:]][:3]
+    chosen = ["intro.html", *chapters[:1], *chapters[-1:]][:3] + [f"{ZH}/chapters/00_intro.html"]
     for rel in chosen:
         page, _, _ = open_page(browser, urljoin(server, rel))
         out = SHOTS / (rel.replace("/", "_").removesuffix(".html") + ".png")
