@@ -29,7 +29,9 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 GLOSSARY = ROOT / "reference" / "glossary.md"
 # English glossary terms that may appear in a message without their Chinese term: where the
 # English word is used in a sense other than the glossary's ("merge" of two dicts, ...).
-TERM_EXCEPTIONS: set[tuple[str, str]] = set()
+TERM_EXCEPTIONS: set[tuple[str, str]] = {
+    ("chapters/05_first_patch_peft_trl", "scaling"),  # "Scaling out": more processes, not the alpha / r factor
+}
 
 
 def markup(text: str) -> Counter:
