@@ -24,6 +24,10 @@
    document of its own, which has no notebook attached, so myst-nb's {glue:text}`key` found no
    data there ("No key ... found in glue data"). While Sphinx's Locale transform runs on a
    notebook, each translated message's document gets that notebook's glue data.
+7. Words the code chooses are pasted in the reader's language: a notebook that glues a word
+   (`lora_lab.prose.glue("verdict", "beat", zh="胜过")`) also stores `verdict_zh`, and in the
+   Chinese edition every {glue:text}`verdict` pastes the value of `verdict_zh`. The catalogs keep
+   the English key, so both editions' texts name the same glue.
 """
 
 from __future__ import annotations
@@ -221,8 +225,37 @@ def _glue_in_translations() -> None:
     nb_sphinx.Parser.parse, nb_sphinx.load_renderer = parser_parse, recording_load_renderer
 
 
+ZH_SUFFIX = "_zh"  # lora_lab.prose.glue(..., zh=...) stores the Chinese word under key + "_zh"
+
+
+def chinese_glue(glue_data: dict) -> dict:
+    """The glue data with each key that has a Chinese twin (`key_zh`) holding the twin's value."""
+    return {
+        key: glue_data.get(key + ZH_SUFFIX, value) if not key.endswith(ZH_SUFFIX) else value
+        for key, value in glue_data.items()
+    }
+
+
+def _paste_chinese_words(app, config) -> None:
+    """In the Chinese edition, read every notebook's glue data through `chinese_glue`."""
+    if not (config.language or "").startswith("zh"):
+        return
+    import myst_nb.core.execute.base as nb_execute
+
+    extract = nb_execute.extract_glue_data
+    if getattr(extract, "lora_lab", False):
+        return
+
+    def extract_chinese(*args, **kwargs):
+        return chinese_glue(extract(*args, **kwargs))
+
+    extract_chinese.lora_lab = True
+    nb_execute.extract_glue_data = extract_chinese
+
+
 def setup(app):
     _glue_in_translations()
+    app.connect("config-inited", _paste_chinese_words)
     languages["zh"] = SearchChineseNgrams
     app.connect("html-page-context", _language_switch)
     app.connect("builder-inited", _translate_title)

@@ -17,18 +17,28 @@ with several seeds.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 __all__ = ["glue", "bootstrap_accuracy_diff", "seed_spread"]
 
 
-def glue(name: str, value, fmt: str | None = None) -> str:
+def glue(name: str, value, fmt: str | None = None, *, zh: str | None = None) -> str:
     """Store `value` (formatted with `fmt`) under `name` for the prose; return the text.
 
     Floats need a format (their last digits differ between CPUs); ints are written with
     thousands separators unless `fmt` says otherwise; strings (words chosen by the code that
-    asserts them, such as "beat" or "tied with") are stored as they are.
+    asserts them, such as "beat" or "tied with") are stored as they are, and need their Chinese
+    in `zh` (stored as `name + "_zh"`; the Chinese edition pastes it where the text says `name`).
     """
+    if isinstance(value, str) and fmt is None and re.search("[A-Za-z]", value) and zh is None:
+        raise ValueError(
+            f"glue {name!r}: the words {value!r} are pasted into both editions; give their "
+            'Chinese too: glue(name, value, zh="...")'
+        )
+    if zh is not None:
+        glue(name + "_zh", zh)
     if fmt is not None:
         text = format(value, fmt)
     elif isinstance(value, str):

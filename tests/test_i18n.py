@@ -30,7 +30,10 @@ GLOSSARY = ROOT / "reference" / "glossary.md"
 # English glossary terms that may appear in a message without their Chinese term: where the
 # English word is used in a sense other than the glossary's ("merge" of two dicts, ...).
 TERM_EXCEPTIONS: set[tuple[str, str]] = {
-    ("chapters/05_first_patch_peft_trl", "scaling"),  # "Scaling out": more processes, not the alpha / r factor
+    (
+        "chapters/05_first_patch_peft_trl",
+        "scaling",
+    ),  # "Scaling out": more processes, not the alpha / r factor
 }
 
 
@@ -151,3 +154,49 @@ def test_update_keeps_marks_fuzzy_fills_from_compendium_and_drops(tmp_path, monk
     assert a.get("A sentence that was removed.") is None
     assert b["A sentence that was removed."].string == "一个被删掉的句子。"
     assert i18n.counts(a) == (1, 1, 0) and i18n.counts(b) == (1, 0, 1)
+
+
+def test_update_fills_wordless_messages_and_number_only_changes(tmp_path, monkeypatch):
+    """A run time that changed, or a table cell that is only a number, needs no translator; a
+    translation that writes its numbers differently from the English is left for one."""
+    from babel.messages.catalog import Catalog
+
+    monkeypatch.setattr(i18n, "CATALOGS", tmp_path)
+    monkeypatch.setattr(i18n, "ROOT", tmp_path)
+    old = Catalog(locale=i18n.LANG)
+    old.add("Total: 784 s over 12 chapters.", "合计：12 个章节共 784 秒。")
+    old.add("About 1,000 steps, 2 runs.", "两次运行，每次约 1,000 步。")  # "2" written as a word
+    i18n.po_path("t").write_bytes(i18n.dump(old))
+    template = Catalog()
+    template.add("Total: 812.5 s over 13 chapters.")
+    template.add("About 2,000 steps, 3 runs.")
+    template.add("77")
+    i18n.update({"t": template})
+    t = i18n.load(i18n.po_path("t"))
+    assert t["Total: 812.5 s over 13 chapters."].string == "合计：13 个章节共 812.5 秒。"
+    assert not t["Total: 812.5 s over 13 chapters."].fuzzy
+    assert t["77"].string == "77" and not t["77"].fuzzy
+    left = t["About 2,000 steps, 3 runs."]
+    assert left.fuzzy or not left.string
+
+
+def test_every_glued_word_has_its_chinese_twin():
+    """A glued value with words in it ("beat", "lost none") would sit in English inside the
+    Chinese text; each needs a `key_zh` twin (lora_lab.prose.glue(..., zh=...)), which the Chinese
+    edition pastes instead (_ext/book_assets.py)."""
+    import json
+
+    missing = []
+    for path in sorted((ROOT / "chapters").glob("*.ipynb")):
+        glued = {}
+        for cell in json.loads(path.read_text())["cells"]:
+            for output in cell.get("outputs", []):
+                name = output.get("metadata", {}).get("scrapbook", {}).get("name")
+                if name:
+                    glued[name] = "".join(output["data"].get("application/papermill.record/text/plain", ""))
+        missing += [
+            f"{path.stem}: {key} = {text}"
+            for key, text in glued.items()
+            if re.search("[A-Za-z]", text) and not key.endswith("_zh") and key + "_zh" not in glued
+        ]
+    assert not missing, "glued words with no Chinese twin:\n" + "\n".join(missing)

@@ -9,6 +9,7 @@ and the reference pages.
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,26 @@ def test_glue_stores_formatted_text_and_works_without_myst_nb(monkeypatch):
     with pytest.raises(TypeError):
         prose.glue("f", 0.5)  # a float needs a format: its last digits differ between CPUs
     monkeypatch.setitem(sys.modules, "myst_nb", None)  # as in a bare Colab runtime
-    assert prose.glue("word", "beat") == "beat"
+    assert prose.glue("word", "beat", zh="胜过") == "beat"
+    with pytest.raises(ValueError, match="Chinese"):
+        prose.glue("word", "beat")  # pasted into both editions: needs its Chinese
+    assert prose.glue("range", "1.5 to 2", "s", zh="1.5 至 2") == "1.5 to 2"  # formatted: as given
+
+
+def test_a_glued_word_has_its_chinese_twin_and_the_chinese_edition_pastes_it(monkeypatch):
+    stored = {}
+    fake = types.ModuleType("myst_nb")
+    fake.glue = lambda name, text, display: stored.__setitem__(name, text)
+    monkeypatch.setitem(sys.modules, "myst_nb", fake)
+    prose.glue("verdict", "beat", zh="胜过")
+    prose.glue("acc", 0.5, ".2f")
+    assert stored == {"verdict": "beat", "verdict_zh": "胜过", "acc": "0.50"}
+    sys.path.insert(0, str(ROOT / "_ext"))
+    try:
+        from book_assets import chinese_glue
+    finally:
+        sys.path.remove(str(ROOT / "_ext"))
+    assert chinese_glue(stored) == {"verdict": "胜过", "verdict_zh": "胜过", "acc": "0.50"}
 
 
 def test_bootstrap_interval_covers_a_small_difference_and_not_a_large_one():

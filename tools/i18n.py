@@ -13,7 +13,8 @@ Code cells and their outputs are never in the catalogs, so both editions show th
 English changed a little (Babel's close-match search: the old translation is kept for review, and
 the build ignores it until the fuzzy flag is removed), and fills a new message with the
 translation of the identical English anywhere in the catalogs (a compendium), so a paragraph
-moved to another page keeps its translation. Messages no longer in the English are dropped.
+moved to another page keeps its translation; a message with no words, or whose English changed
+only in its numbers, is filled without a translator (see `fill`). Messages no longer in the English are dropped.
 
 Everything here is pure Python (Sphinx and Babel, already needed by the book), so no GNU gettext
 tools are required. Run with the project's Python from the repository root.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -120,23 +122,53 @@ def dump(catalog: Catalog) -> bytes:
     return buf.getvalue()
 
 
+# A number as the pages write it: 784, 0.125, 65,536.
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def fill(message, compendium: dict[str, str], by_shape: dict[str, tuple[str, str]]) -> bool:
+    """Translate a new or fuzzy message from what is already known; True if it was filled.
+
+    Three cases need no translator: the same English translated elsewhere (a moved paragraph);
+    a message with no words (a number or a symbol in a table: kept as it is); and English that
+    changed only in its numbers (a run time on the timings page), when the old translation
+    writes exactly the old numbers (in any order): each is replaced by its new value.
+    """
+    if message.id in compendium:
+        message.string = compendium[message.id]
+    elif not re.search(r"[A-Za-z]", message.id):
+        message.string = message.id
+    elif NUMBER.sub("#", message.id) in by_shape:
+        old_id, old_string = by_shape[NUMBER.sub("#", message.id)]
+        old_numbers = NUMBER.findall(old_id)
+        renumber = dict(zip(old_numbers, NUMBER.findall(message.id)))
+        # Each old number must name one place, and the translation must write exactly those.
+        if len(renumber) != len(old_numbers) or sorted(NUMBER.findall(old_string)) != sorted(old_numbers):
+            return False
+        message.string = NUMBER.sub(lambda m: renumber[m.group(0)], old_string)
+    else:
+        return False
+    message.flags.discard("fuzzy")
+    return True
+
+
 def update(templates: dict[str, Catalog]) -> list[str]:
     """Bring every .po in line with `templates`; return one summary line per changed file."""
     existing = catalogs()
-    compendium = {}
+    compendium, by_shape = {}, {}
     for catalog in existing.values():
         for message in list(catalog) + list(catalog.obsolete.values()):
             if is_translated(message):
                 compendium.setdefault(message.id, message.string)
+                by_shape.setdefault(NUMBER.sub("#", message.id), (message.id, message.string))
     changed = []
     for doc, template in templates.items():
         catalog = existing.get(doc) or Catalog(locale=LANG, domain=doc)
         catalog.update(template, no_fuzzy_matching=False)
         reused = 0
         for message in catalog:
-            if message.id and not message.string and message.id in compendium:
-                message.string = compendium[message.id]
-                reused += 1
+            if message.id and (not message.string or message.fuzzy):
+                reused += fill(message, compendium, by_shape)
         path = po_path(doc)
         data = dump(catalog)
         if not path.exists() or path.read_bytes() != data:
