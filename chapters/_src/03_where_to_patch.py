@@ -354,19 +354,26 @@ def versus(key, a, b):
 
 diff, clear = versus("attn_vs_qv", acc["attention"], acc["q,v"])
 assert diff > 0  # attention scored higher on this run...
-glue("attn_vs_qv_word", "beat" if clear else "scored above")
+glue("attn_vs_qv_word", "beat" if clear else "scored above",
+     zh="胜过" if clear else "得分高于")
 glue("attn_vs_qv_summary", "a clear difference" if clear
-     else "a difference inside the test set's noise")
+     else "a difference inside the test set's noise",
+     zh="差异明确" if clear else "差异在测试集的噪声之内")
 glue("attn_vs_qv_sentence", "The interval excludes no difference." if clear
      else "The interval covers zero: on this many items the two placements are "
-          "not told apart, and the sources' ordering is not confirmed here.")
+          "not told apart, and the sources' ordering is not confirmed here.",
+     zh="区间不含零：两者确有差异。" if clear
+     else "区间包含零：在这么多道题上分不出两种放法的高下，"
+          "原文给出的排序在这里没有得到证实。")
 diff, clear = versus("all_vs_attn", acc["all-linear"], acc["attention"])
 assert diff > 0
-glue("all_vs_attn_word", "clearly better than" if clear else "better than")
+glue("all_vs_attn_word", "clearly better than" if clear else "better than",
+     zh="明显优于" if clear else "优于")
 diff, clear = versus("full_gap", full["accuracy"], acc["all-linear"])
 assert diff > 0  # full fine-tuning scored higher: all-linear did not match it
 glue("full_gap_items", round(diff * N_ITEMS))
-glue("full_gap_word", "a real gap" if clear else "within the noise")
+glue("full_gap_word", "a real gap" if clear else "within the noise",
+     zh="是真实的差距" if clear else "在噪声之内")
 N_PROBES = len(data.load_probes("test"))
 glue("n_probes", N_PROBES)
 glue("others_lost", round((1 - others_probes) * N_PROBES))

@@ -178,13 +178,18 @@ for r in ranks:
 assert len(seed_runs(64, 64)) >= 3
 g64 = [a["final_loss"] - b["final_loss"]
        for a, b in zip(seed_runs(64, 64), seed_runs(64, 128))]
-glue("gap64_range", f"{min(g64):+.4f} to {max(g64):+.4f}")
+glue("gap64_range", f"{min(g64):+.4f} to {max(g64):+.4f}",
+     zh=f"{min(g64):+.4f} 至 {max(g64):+.4f}")
 glue("n_seeds_64", len(seed_runs(64, 64)))
-glue("ranks_always", ", ".join(map(str, always)) or "none of them")
-glue("ranks_mixed", ", ".join(map(str, mixed)) or "none")
+glue("ranks_always", ", ".join(map(str, always)) or "none of them",
+     zh="、".join(map(str, always)) or "一个也没有")
+glue("ranks_mixed", ", ".join(map(str, mixed)) or "none",
+     zh="、".join(map(str, mixed)) or "没有")
 glue("ranks_single", ", ".join(map(str, single)))
 glue("alpha2r_word", "holds at every rank tested with seeds" if not mixed
-     else "holds at low rank and is within the noise at high rank")
+     else "holds at low rank and is within the noise at high rank",
+     zh="在所有做过多种子测试的秩上都成立" if not mixed
+     else "在低秩时成立，在高秩时落在噪声之内")
 
 # %% [markdown]
 # Accuracy on {glue:text}`eval_items` validation questions is a noisier signal than the
@@ -221,7 +226,9 @@ glue("one_question", 100 / n_eval, ".0f")
 glue("worst_acc", worst["accuracy"], ".0%")
 glue("best_acc", best["accuracy"], ".0%")
 glue("best_label", f"r={best['r']} with alpha={best['lora_alpha']}"
-     + (" under rsLoRA" if best["use_rslora"] else ""))
+     + (" under rsLoRA" if best["use_rslora"] else ""),
+     zh=("rsLoRA 下" if best["use_rslora"] else "")
+     + f" r={best['r']}、alpha={best['lora_alpha']}")
 glue("best_scaling", best["scaling"], ".3g")
 glue("r16a16_acc", plain16["accuracy"], ".0%")
 glue("r16a16_loss", plain16["final_loss"], ".3f")
@@ -300,7 +307,8 @@ glue("plain64_loss", plain[-1]["final_loss"], ".3f")
 pairs = list(zip(seed_runs(64, 16, True), seed_runs(64, 16)))
 lower = sum(a["final_loss"] < b["final_loss"] for a, b in pairs)
 print(f"rsLoRA lower in {lower} of {len(pairs)} seeds")
-glue("rs64_seeds", f"rsLoRA lower in {lower} of {len(pairs)} seeds")
+glue("rs64_seeds", f"rsLoRA lower in {lower} of {len(pairs)} seeds",
+     zh=f"{len(pairs)} 个种子中有 {lower} 个 rsLoRA 更低")
 
 # %% [markdown]
 # The other side of the coin: rsLoRA's larger updates at high rank need a smaller learning
@@ -323,8 +331,8 @@ hot_rs, hot_plain = run(32, 16, True, lr=1e-2), run(32, 16, False, lr=1e-2)
 assert hot_rs["final_loss"] > 3 * hot_plain["final_loss"]
 assert hot_rs["accuracy"] < 0.1
 assert hot_plain["final_loss"] < 0.2 and hot_plain["accuracy"] > 0.6
-glue("extra_lrs", " and ".join(
-    f"{lr:g}" for lr in sorted({x["lr"] for x in grid} - {LR})))
+other_lrs = [f"{lr:g}" for lr in sorted({x["lr"] for x in grid} - {LR})]
+glue("extra_lrs", " and ".join(other_lrs), zh=" 和 ".join(other_lrs))
 glue("hot_lr", hot_rs["lr"], "g")
 for name, x in (("hot_rs", hot_rs), ("hot_plain", hot_plain)):
     glue(f"{name}_scaling", x["scaling"], ".2g")
@@ -435,7 +443,8 @@ glue("exp_n_series", len(ex.series()))
 glue("exp_n_runs", len(ex.grid))
 glue("exp_alphas_64", ", ".join(f"{a:g}" for a in alphas_64))
 glue("exp_lrs_64", ", ".join(f"{v:g}" for v in lrs_64))
-glue("exp_lr_ranks", " and ".join(map(str, lr_ranks)))
+glue("exp_lr_ranks", " and ".join(map(str, lr_ranks)),
+     zh=" 和 ".join(map(str, lr_ranks)))
 print("r=64, alpha/r: alpha in", alphas_64, "| alpha=16: lr in", lrs_64)
 print("ranks run at the other learning rates:", lr_ranks)
 
