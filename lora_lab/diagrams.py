@@ -9,6 +9,7 @@ from the text:
     fig = merge_vs_switch(["support", "sql"])                # static vs dynamic linking
     fig = batched_step(["a0", None, "a2", "a1"])             # one batch, one adapter id per row
     fig = nf4_levels()                                       # NF4's 16 levels on a normal curve
+    fig = book_map([("00", "The billion-parameter binary"), ...])   # the chapters in reading order
 
 Every shape a test needs to find carries a `gid` (e.g. the rectangle of A has gid "A"), so
 `tests/test_diagrams.py` reads back what was drawn and checks it against the arguments.
@@ -20,6 +21,7 @@ References: Hu et al. 2021 (LoRA, figure 1); Chen et al. 2023 (Punica) and Sheng
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -39,6 +41,7 @@ __all__ = [
     "merge_vs_switch",
     "batched_step",
     "nf4_levels",
+    "book_map",
 ]
 
 FROZEN = "#BBBBBB"  # the base model, the "binary": grey
@@ -388,3 +391,48 @@ def _nearest_shares(levels: list[float], z_max: float) -> list[float]:
     mids = [(a + b) / 2 for a, b in zip(levels, levels[1:])]
     cdf = [0.0] + [float(normal.cdf(torch.tensor(m * z_max))) for m in mids] + [1.0]
     return [b - a for a, b in zip(cdf, cdf[1:])]
+
+
+# ------------------------------------------------------------------------------------------------
+# f. The book's map
+# ------------------------------------------------------------------------------------------------
+
+
+def book_map(chapters: Sequence[tuple[str, str]], here: str | None = None, per_row: int = 4) -> Figure:
+    """The chapters in reading order as a path of boxes, `per_row` to a row, the rows snaking so
+    each arrow stays short. `chapters` is a list of (number, title), e.g. read from `_toc.yml`;
+    `here` (a number) is drawn highlighted.
+    """
+    chapters = [(str(num), str(title)) for num, title in chapters]
+    if not chapters:
+        raise ValueError("no chapters given; pass (number, title) pairs in reading order")
+    numbers = [num for num, _ in chapters]
+    if here is not None and here not in numbers:
+        raise ValueError(f"here={here!r} is not one of the chapters {numbers}")
+    if per_row < 1:
+        raise ValueError(f"per_row must be >= 1, got {per_row}")
+    n_rows = -(-len(chapters) // per_row)
+    fig, ax = _canvas(width=9.0, height=0.3 + 1.15 * n_rows)
+    w, h, gap_x, gap_y = 2.0, 0.8, 0.45, 0.35
+    centres = []
+    for i, (num, title) in enumerate(chapters):
+        row, col = divmod(i, per_row)
+        if row % 2:  # snake: odd rows run right to left
+            col = per_row - 1 - col
+        x, y = col * (w + gap_x), -row * (h + gap_y)
+        text = f"{num}\n" + "\n".join(textwrap.wrap(title, 28)[:2])
+        _box(
+            ax, x, y, w, h, text, color=PATCH if num == here else "#F4F4F4", gid=f"chapter:{num}", fontsize=8
+        )
+        centres.append((x, y, row))
+    for (x0, y0, r0), (x1, y1, r1) in zip(centres, centres[1:]):
+        if r0 == r1:  # along the row
+            start, end = (x0 + w, y0 + h / 2), (x1, y1 + h / 2)
+            if x1 < x0:
+                start, end = (x0, y0 + h / 2), (x1 + w, y1 + h / 2)
+        else:  # down to the next row
+            start, end = (x0 + w / 2, y0), (x1 + w / 2, y1 + h)
+        _arrow(ax, start, end)
+    ax.set_xlim(-0.1, per_row * (w + gap_x) - gap_x + 0.1)
+    ax.set_ylim(-(n_rows - 1) * (h + gap_y) - 0.1, h + 0.1)
+    return fig

@@ -212,3 +212,20 @@ def test_nf4_levels_are_the_code_book_and_spread_the_weights_more_evenly_than_in
     spread = {k: max(s) - min(s) for k, s in shares.items()}
     assert spread["nf4"] < spread["int4"] / 3  # quantile spacing: near-equal shares
     assert len(diagrams.nf4_levels(compare_int4=False).axes) == 1
+
+
+def test_book_map_draws_every_chapter_in_order_and_highlights_the_reader():
+    chapters = [(f"{i:02d}", f"chapter number {i} with a longer title to wrap") for i in range(14)]
+    fig = diagrams.book_map(chapters, here="03")
+    boxes = [by_gid(fig, f"chapter:{num}") for num, _ in chapters]
+    assert [color(b) for b in boxes].count(mcolors.to_hex(diagrams.PATCH)) == 1
+    assert color(boxes[3]) == mcolors.to_hex(diagrams.PATCH)
+    tops = sorted({round(b.get_y(), 6) for b in boxes})
+    assert len(tops) == 4  # 14 chapters, 4 to a row
+    row2 = [b.get_x() for b in boxes[4:8]]
+    assert row2 == sorted(row2, reverse=True)  # the second row runs right to left
+    assert layout_problems(fig) == []
+    with pytest.raises(ValueError, match="not one of the chapters"):
+        diagrams.book_map(chapters, here="99")
+    with pytest.raises(ValueError, match="no chapters"):
+        diagrams.book_map([])
