@@ -42,6 +42,7 @@ __all__ = [
     "batched_step",
     "nf4_levels",
     "book_map",
+    "level_shares",
 ]
 
 FROZEN = "#BBBBBB"  # the base model, the "binary": grey
@@ -373,7 +374,7 @@ def nf4_levels(compare_int4: bool = True) -> Figure:
             heights = [float(torch.exp(normal.log_prob(torch.tensor(v * z_max)))) * z_max for v in levels]
             ax.vlines(levels, 0, heights, color=COLORS[1], linewidth=1.4, label="levels")
             ax.plot(levels, [0] * len(levels), "o", color=COLORS[1], markersize=4, gid=f"levels:{code_name}")
-            shares = _nearest_shares(levels, z_max)
+            shares = level_shares(levels, z_max)
             ax.set_title(f"{title}: each level takes {min(shares):.1%} to {max(shares):.1%} of the weights",
                          fontsize=10)  # fmt: skip
             ax.set_xlim(-1.15, 1.15)
@@ -385,9 +386,19 @@ def nf4_levels(compare_int4: bool = True) -> Figure:
     return fig
 
 
-def _nearest_shares(levels: list[float], z_max: float) -> list[float]:
-    """Share of a standard normal (stretched to the [-1, 1] scale) that rounds to each level."""
+def level_shares(levels, z_max: float | None = None) -> list[float]:
+    """Share of normally distributed weights that rounds to each of `levels` (sorted here).
+
+    The weights are a standard normal stretched to the [-1, 1] scale by `z_max`, the z-score
+    the largest level stands for (default: NF4's, the normal quantile at `NF4_OFFSET`). The
+    shares sum to 1; for NF4 they are near-equal, which is what quantile spacing is for.
+    """
     normal = torch.distributions.Normal(0.0, 1.0)
+    if z_max is None:
+        z_max = float(normal.icdf(torch.tensor(NF4_OFFSET)))
+    levels = sorted(float(v) for v in levels)
+    if len(levels) < 2:
+        raise ValueError(f"need at least 2 levels, got {len(levels)}")
     mids = [(a + b) / 2 for a, b in zip(levels, levels[1:])]
     cdf = [0.0] + [float(normal.cdf(torch.tensor(m * z_max))) for m in mids] + [1.0]
     return [b - a for a, b in zip(cdf, cdf[1:])]

@@ -204,10 +204,9 @@ def test_nf4_levels_are_the_code_book_and_spread_the_weights_more_evenly_than_in
     int4 = by_gid(fig, "levels:int4")
     assert list(nf4.get_xdata()) == sorted(NF4_CODE.tolist())
     assert list(int4.get_xdata()) == sorted(INT4_CODE.tolist())
-    shares = {
-        code: diagrams._nearest_shares(sorted(c.tolist()), 1.848)
-        for code, c in (("nf4", NF4_CODE), ("int4", INT4_CODE))
-    }
+    shares = {"nf4": diagrams.level_shares(NF4_CODE), "int4": diagrams.level_shares(INT4_CODE)}
+    title = fig.axes[0].get_title()
+    assert f"{min(shares['nf4']):.1%} to {max(shares['nf4']):.1%}" in title
     assert all(abs(sum(s) - 1) < 1e-6 for s in shares.values())
     spread = {k: max(s) - min(s) for k, s in shares.items()}
     assert spread["nf4"] < spread["int4"] / 3  # quantile spacing: near-equal shares
@@ -229,3 +228,11 @@ def test_book_map_draws_every_chapter_in_order_and_highlights_the_reader():
         diagrams.book_map(chapters, here="99")
     with pytest.raises(ValueError, match="no chapters"):
         diagrams.book_map([])
+
+
+def test_level_shares_match_the_normal_it_describes():
+    shares = diagrams.level_shares([-1.0, 0.0, 1.0], z_max=1.0)  # cut at -0.5 and +0.5 sigma
+    assert shares[1] == pytest.approx(0.3829, abs=1e-4)
+    assert shares[0] == pytest.approx(shares[2])
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        diagrams.level_shares([0.0])
