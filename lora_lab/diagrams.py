@@ -431,7 +431,10 @@ def book_map(chapters: Sequence[tuple[str, str]], here: str | None = None, per_r
         if row % 2:  # snake: odd rows run right to left
             col = per_row - 1 - col
         x, y = col * (w + gap_x), -row * (h + gap_y)
-        text = f"{num}\n" + "\n".join(textwrap.wrap(title, 25)[:2])
+        lines = textwrap.wrap(title, 25)
+        if len(lines) > 2:  # two lines fit a box; say that the title goes on
+            lines = [lines[0], lines[1] + " …"]
+        text = f"{num}\n" + "\n".join(lines)
         _box(
             ax, x, y, w, h, text, color=PATCH if num == here else "#F4F4F4", gid=f"chapter:{num}", fontsize=8
         )
