@@ -266,8 +266,11 @@ def plot_rank_scaling(experiment: dict, key: str = "update_norm_early", ax=None)
         rs = [row["r"] for row in rows]
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        # Label 1, 2, 3 and 5 of each decade and leave the other ticks bare: labelling every
+        # minor tick stacks the labels on top of each other when the data span two decades.
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(rs, [str(r) for r in rs])
         ax.set_xlabel("r")
         what = "||dW||" if key.startswith("update") else "one direction's size"

@@ -165,3 +165,38 @@ def test_nbval_compares_at_least_60_percent_of_output_cells():
     share = compared / total
     print(f"nbval compares {compared} of {total} output-bearing code cells ({share:.0%})")
     assert share >= 0.60, f"nbval compares only {share:.0%} of output-bearing cells (need >= 60%)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_chapter_shows_at_least_one_figure(path):
+    nb = nbformat.read(path, as_version=4)
+    images = [
+        mime
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        for mime in out.get("data", {})
+        if mime.startswith("image/")
+    ]
+    assert images, f"{path.name} shows no figure: plot something the chapter measured"
+
+
+DIAGRAM_CALL = re.compile(r"\bdiagrams\.(\w+)\(")
+
+
+def test_the_book_draws_at_least_five_diagrams():
+    """Counts the distinct lora_lab.diagrams functions called in the chapters' sources, and
+    checks each call's cell drew an image in the built notebook."""
+    import lora_lab.diagrams
+
+    drawn = set()
+    for path in NOTEBOOKS:
+        for cell in code_cells(nbformat.read(path, as_version=4)):
+            calls = set(DIAGRAM_CALL.findall(cell.source)) & set(lora_lab.diagrams.__all__)
+            if not calls:
+                continue
+            assert any("image/png" in out.get("data", {}) for out in cell.outputs), (
+                f"{path.name}: the cell calling diagrams.{sorted(calls)} shows no image"
+            )
+            drawn |= calls
+    assert len(drawn) >= 5, f"the chapters draw {len(drawn)} diagrams ({sorted(drawn)}); the book wants five"

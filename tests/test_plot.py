@@ -102,3 +102,29 @@ def test_alpha_vs_lr_plot_has_curves_and_ratio_bars_per_optimizer():
     assert len(fig.axes[0].lines) == 4 and [t.get_text() for t in fig.axes[3].texts] == ["1", "4", "2", "4"]
     with pytest.raises(ValueError, match="no alpha_vs_lr"):
         plot.plot_alpha_vs_lr({"runs": [], "experiments": {"alpha_vs_lr": {"optimizers": {}}}})
+
+
+def test_rank_scaling_tick_labels_do_not_overlap_over_two_decades():
+    """Chapter 04's "one direction's size" panel spans 0.04 to 3: its y labels once piled up."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = [{"r": r, "alpha/r": {"direction_norm_early": 2.8 / r}, "rsLoRA": {"direction_norm_early": 2.8 / r**0.5}}
+            for r in (1, 2, 4, 8, 16, 32, 64)]  # fmt: skip
+    fig = plot.plot_rank_scaling(
+        {"rows": rows, "alpha": 16, "lr": 3e-3, "early_step": 10}, "direction_norm_early"
+    )
+    ax = fig.axes[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    lo, hi = ax.get_ylim()
+    labels = [
+        t.label1
+        for axis_ticks in (ax.yaxis.get_major_ticks(), ax.yaxis.get_minor_ticks())
+        for t in axis_ticks
+        if lo <= t.get_loc() <= hi and t.label1.get_visible() and t.label1.get_text()
+    ]
+    assert len(labels) >= 4  # still readable: several values labelled
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), "y tick labels overlap"

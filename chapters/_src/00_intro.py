@@ -61,6 +61,38 @@ lora_lab.seed_everything(SEED)
 print(lora_lab.runtime.describe())
 
 # %% [markdown]
+# ## The map
+#
+# The chapters in reading order, drawn from the book's table of contents: first why a patch
+# beats a recompile and what is inside one, then how to make one with the standard tools,
+# then how to ship it and where it stops working. You are at the highlighted box.
+
+# %%
+import json
+from pathlib import Path
+
+import yaml
+
+from lora_lab import diagrams
+
+toc = yaml.safe_load(Path("../_toc.yml").read_text())
+stems = [Path(c["file"]).name for part in toc["parts"]
+         for c in part["chapters"] if c["file"].startswith("chapters/")]
+
+
+def title_of(stem):
+    """('00', 'The billion-parameter binary') from a notebook's heading."""
+    cell = json.loads(Path(f"{stem}.ipynb").read_text())["cells"][0]
+    heading = "".join(cell["source"]).splitlines()[0]
+    number, title = heading.removeprefix("# ").split(" · ", 1)
+    return number, title
+
+
+chapters = [title_of(stem) for stem in stems]
+assert chapters[0][0] == "00" and len(chapters) == len(stems)
+diagrams.book_map(chapters, here="00")
+
+# %% [markdown]
 # ## A 7B model is a config file first
 #
 # Before any weights exist, a model is a shape. PyTorch's `meta` device holds tensors with
@@ -132,6 +164,32 @@ glue("bytes_per_param", round(full["total"] / n_params))
 n_70b = sizing.count_params("llama-2-70b")
 glue("n_70b", n_70b)
 glue("tb_70b", n_70b * round(full["total"] / n_params) / 1e12, ".1f")
+
+# %% [markdown]
+# The same bill as bars. Left, what one training run holds in memory; right, what each task
+# ships, on a log scale because the two files differ by a factor of
+# {glue:text}`fig_file_ratio`: a whole new binary against a patch.
+
+# %%
+from lora_lab import plot
+
+fig, (ax_mem, ax_file) = plot.new_figure(ncols=2, width=4.2, height=3.2)
+plot.plot_bars(["full", "LoRA", "QLoRA"],
+               [rows[m]["total"] / GiB for m in rows], ax=ax_mem,
+               title="training memory, Llama-2-7B", ylabel="GiB")
+file_gb = [n_params * 2 / 1e9, adapter_mb / 1e3]
+plot.plot_bars(["full model (fp16)", "LoRA adapter"], file_gb, ax=ax_file,
+               title="file per task", ylabel="GB (log scale)")
+ax_file.set_ylim(file_gb[1] / 3, file_gb[0] * 5)
+ax_file.set_yscale("log")
+ax_file.yaxis.set_major_formatter("{x:g}")
+for ax in (ax_mem, ax_file):
+    for label in ax.get_xticklabels():  # short labels: no slant needed
+        label.set(rotation=0, ha="center", multialignment="center")
+file_ratio = file_gb[0] / file_gb[1]
+assert file_ratio > 10
+glue("fig_file_ratio", file_ratio, ".0f")
+fig
 
 # %% [markdown]
 # ## The bundled tiny base model

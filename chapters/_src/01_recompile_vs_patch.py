@@ -359,6 +359,41 @@ row(f"probe accuracy (base {sweep['base_probe_accuracy']:.2f}, cached)",
     *(f"{cached[m]['probe_accuracy']:.2f}" for m in cached))
 
 # %% [markdown]
+# The table as a picture: each bar is how many times more the recompile costs than the
+# patch on one measured row, on a log scale. What is kept per trainable parameter
+# (optimizer state) and what is shipped (the checkpoint) differ by a factor of at least
+# {glue:text}`fig_stored_ratio`; the memory one step holds and the time per step by far
+# less, because LoRA still keeps every frozen weight and runs every layer forward and
+# backward.
+
+# %%
+from lora_lab import plot
+
+cost_ratio = {
+    "trainable\nparameters": trainable["full"][0] / trainable["lora"][0],
+    "optimizer\nstate": memory["full"]["optimizer"]
+    / memory["lora"]["optimizer"],
+    "memory of\none step": total["full"] / total["lora"],
+    "checkpoint\non disk": ckpt["full"] / ckpt["lora"],
+    "seconds\nper step": per_step["full"] / per_step["lora"],
+}
+stored = min(cost_ratio["optimizer\nstate"],
+             cost_ratio["checkpoint\non disk"])
+assert stored > 10 * max(1.0, cost_ratio["seconds\nper step"],
+                         cost_ratio["memory of\none step"])
+glue("fig_stored_ratio", stored, ".0f")
+fig, (ax,) = plot.new_figure(width=7.0, height=3.4)
+plot.plot_bars(list(cost_ratio), list(cost_ratio.values()), ax=ax,
+               title="full fine-tuning ÷ LoRA, measured in this chapter",
+               ylabel="times more (log scale)")
+ax.set_ylim(0.5, max(cost_ratio.values()) * 5)
+ax.set_yscale("log")
+ax.axhline(1, color="#444444", linewidth=0.8)
+for label in ax.get_xticklabels():  # short labels: no slant needed
+    label.set(rotation=0, ha="center", multialignment="center")
+fig
+
+# %% [markdown]
 # (claim-forgetting)=
 # The Chinese source warns that a recompile can lose what the model knew ("knowledge rot",
 # catastrophic forgetting), and LoRA is widely said to forget less: Biderman et al. found

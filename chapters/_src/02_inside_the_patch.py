@@ -103,6 +103,25 @@ class InlineLoRA(nn.Module):
 
 
 # %% [markdown]
+# The same formula as a picture, drawn to scale: one square unit per number, for a small
+# layer of {glue:text}`fig_d` by {glue:text}`fig_d` with $r$ = {glue:text}`fig_r`. The grey
+# block is the binary, frozen; the two orange strips are the whole patch. Even at this toy
+# size the patch holds {glue:text}`fig_ratio`x fewer numbers than the weight, and the strips
+# get thinner still as the layer grows while $r$ stays put.
+
+# %%
+from lora_lab import diagrams
+
+fig_d, fig_r = 64, 8  # small enough that the thin strips stay visible
+fig_ratio = fig_d * fig_d / (fig_r * (fig_d + fig_d))
+assert fig_ratio == fig_d / (2 * fig_r)  # the ratio grows with d at fixed r
+glue("fig_d", fig_d)
+glue("fig_r", fig_r)
+glue("fig_ratio", fig_ratio, "g")
+diagrams.lora_shapes(d_out=fig_d, d_in=fig_d, r=fig_r, alpha=ALPHA)
+
+
+# %% [markdown]
 # ## One input, step by step
 #
 # Take a layer the size of one attention projection of Llama-2-7B ({glue:text}`d` in,

@@ -104,6 +104,27 @@ glue("vocab", emb.shape[0])
 glue("hidden", emb.shape[1])
 
 # %% [markdown]
+# Where those layers sit in one block, drawn for two placements: PEFT's default for
+# Llama-family models (the query and value projections only) and every linear layer. Grey is
+# the binary, left as it shipped; orange marks the layers that get a patch. Each box carries
+# its shape, read from the model above (in → out).
+
+# %%
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS)
+
+from lora_lab import diagrams
+
+peft_default = PEFT_DEFAULTS["llama"]
+assert peft_default == ["q_proj", "v_proj"]
+block_shapes = {n.split(".")[-1]: tuple(base.get_submodule(n).weight.shape)
+                for n in block}
+diagrams.transformer_block(
+    {"PEFT's default for Llama: q, v": peft_default,
+     "all-linear": [*diagrams.ATTENTION, *diagrams.MLP]},
+    shapes=block_shapes)
+
+# %% [markdown]
 # A LoRA patch on a layer with $d_\text{in}$ inputs and $d_\text{out}$ outputs trains
 # $r\,(d_\text{in} + d_\text{out})$ numbers. So before training anything we can predict every
 # placement's trainable count from the shapes above. The five placements of this chapter:

@@ -290,6 +290,25 @@ file_bytes = {n: sum(f.stat().st_size for f in p.iterdir())
               for n, p in adapter_dirs.items()}
 print({n: f"{b / 1e3:.0f} kB" for n, b in file_bytes.items()})
 
+# %% [markdown]
+# The two roads side by side, labelled with the sizes just measured. Merging builds one full
+# binary per task, each a copy of the base weights with its patch baked in. Switching loads
+# the base once and keeps each adapter as a small file beside it, the way a program loads a
+# `.dll` or a Go program opens a `plugin` `.so` by name at run time. Each merged copy weighs
+# {glue:text}`fig_base_mb` MB; each adapter file {glue:text}`fig_adapter_kb` kB.
+
+# %%
+from lora_lab import diagrams
+
+base_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 1e6
+adapter_kb = max(file_bytes.values()) / 1e3
+assert adapter_kb / 1e3 < base_mb  # the patch is far smaller than the binary
+glue("fig_base_mb", base_mb, ".1f")
+glue("fig_adapter_kb", adapter_kb, ".0f")
+diagrams.merge_vs_switch(
+    list(adapter_dirs)[:3],
+    sizes={"base": f"{base_mb:.1f} MB", "adapter": f"{adapter_kb:.0f} kB"})
+
 
 # %% tags=["nbval-ignore-output"]
 def seconds(fn, repeats=TIMING_REPEATS):
@@ -420,6 +439,14 @@ gap = (y_gathered - torch.stack(y_alone)).abs().max().item()
 print("ids", ids.tolist(), "| gathered vs one-by-one: max gap",
       lora_lab.runtime.below(gap, 1e-5))
 assert gap < 1e-5
+
+# %% [markdown]
+# The step just computed, as a picture: each request carries an adapter id, the base matmul
+# runs once for the whole batch, and each row's $A$ and $B$ are gathered from the stacks by
+# its id, so a row never sees another row's patch.
+
+# %%
+diagrams.batched_step(names)
 
 # %% [markdown]
 # (claim-multi-adapter)=

@@ -491,6 +491,41 @@ assert gap(ported_update, alpha_only) < 1e-4
 assert gap(logits(ported.eval()), alpha_only_logits) < 1e-3
 
 # %% [markdown]
+# The three conventions against the rank, at the same $\alpha$: the alpha-only scale stays
+# flat while $\alpha/r$ falls, so the gap between them is $r$ itself and grows with every
+# doubling of the rank. An adapter moved between the two conventions without converting is
+# off by exactly that factor.
+
+# %%
+import matplotlib.ticker
+
+from lora_lab import plot
+
+ranks = [1, 2, 4, 8, 16, 32, 64]
+conventions = {
+    "alpha alone (the bug)": [float(ALPHA)] * len(ranks),
+    "alpha / sqrt(r) (rsLoRA)": [layers.lora_scaling(r, ALPHA, True)
+                                 for r in ranks],
+    "alpha / r (PEFT, vLLM, lora_lab)": [layers.lora_scaling(r, ALPHA)
+                                         for r in ranks],
+}
+gaps = [a / b for a, b in zip(conventions["alpha alone (the bug)"],
+                              conventions["alpha / r (PEFT, vLLM, lora_lab)"])]
+assert all(abs(g - r) < 1e-9 for g, r in zip(gaps, ranks))
+fig, (ax,) = plot.new_figure(width=6.0, height=3.4)
+for label, scale in conventions.items():
+    ax.plot(ranks, scale, marker="o", markersize=4, label=label)
+ax.set_xscale("log", base=2)
+ax.set_yscale("log", base=2)
+ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+ax.set_xticks(ranks, [str(r) for r in ranks])
+ax.set_xlabel("r")
+ax.set_ylabel("scale applied to BAx")
+ax.set_title(f"the patch's scale at alpha = {ALPHA}")
+ax.legend(loc="lower left")
+fig
+
+# %% [markdown]
 # (trouble-param-count)=
 # ## 6. Trainable-parameter counts that look wrong
 #

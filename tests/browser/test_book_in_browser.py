@@ -281,3 +281,29 @@ def test_chapter_04_explorer_works_offline_and_its_controls_change_the_plot(serv
     assert ("rsLoRA" in menu["title"]) == choice.startswith("rsLoRA")
     page.close()
     assert not errors, errors
+
+
+DIAGRAM_IMAGES = r"""() => [...document.querySelectorAll('div.cell')]
+  .filter(c => /diagrams\.\w+\(/.test((c.querySelector('.cell_input') || {}).textContent || ''))
+  .map(c => {
+    const call = c.querySelector('.cell_input').textContent.match(/diagrams\.(\w+)\(/)[1];
+    const imgs = [...c.querySelectorAll('.cell_output img')];
+    return {call: call, widths: imgs.map(i => i.complete ? i.naturalWidth : 0)};
+  })"""
+
+
+def test_diagrams_load_on_their_pages(server, browser):
+    """Every cell that calls lora_lab.diagrams shows its picture, loaded (naturalWidth > 0),
+    and the book draws at least five different diagrams."""
+    problems, drawn = [], set()
+    for rel in (p for p in pages() if p.startswith("chapters/")):
+        page, _, _ = open_page(browser, urljoin(server, rel))
+        page.wait_for_load_state("load")
+        for cell in page.evaluate(DIAGRAM_IMAGES):
+            if not cell["widths"] or min(cell["widths"]) <= 0:
+                problems.append(f"{rel}: diagrams.{cell['call']} shows no loaded image {cell['widths']}")
+            else:
+                drawn.add(cell["call"])
+        page.close()
+    assert not problems, "\n".join(problems)
+    assert len(drawn) >= 5, f"only {len(drawn)} diagrams in the book: {sorted(drawn)}"
