@@ -32,13 +32,6 @@ def glue(name: str, value, fmt: str | None = None, *, zh: str | None = None) -> 
     asserts them, such as "beat" or "tied with") are stored as they are, and need their Chinese
     in `zh` (stored as `name + "_zh"`; the Chinese edition pastes it where the text says `name`).
     """
-    if isinstance(value, str) and fmt is None and re.search("[A-Za-z]", value) and zh is None:
-        raise ValueError(
-            f"glue {name!r}: the words {value!r} are pasted into both editions; give their "
-            'Chinese too: glue(name, value, zh="...")'
-        )
-    if zh is not None:
-        glue(name + "_zh", zh)
     if fmt is not None:
         text = format(value, fmt)
     elif isinstance(value, str):
@@ -49,11 +42,18 @@ def glue(name: str, value, fmt: str | None = None, *, zh: str | None = None) -> 
         text = f"{int(value):,}"
     else:
         raise TypeError(f"glue {name!r}: give a format for {type(value).__name__} values")
+    if re.search("[A-Za-z]{2,}", text) and zh is None:  # a word, not "1e-05" or "r"
+        raise ValueError(
+            f"glue {name!r}: the words {text!r} are pasted into both editions; give their "
+            'Chinese too: glue(name, value, zh="...")'
+        )
     try:
         from myst_nb import glue as myst_glue
     except ImportError:  # no myst-nb (a bare Colab runtime): nothing to paste into
         return text
     myst_glue(name, text, display=False)
+    if zh is not None:
+        myst_glue(name + "_zh", zh, display=False)
     return text
 
 
