@@ -74,10 +74,11 @@ test-latest:
 		--ignore=tests/browser --ignore=tests/test_environment.py --ignore=tests/test_notebooks.py \
 		--ignore=tests/test_lint.py; unit=$$?; \
 	OMP_NUM_THREADS=1 $(LATEST)/bin/python -m pytest --nbval-lax -p no:cacheprovider -q \
-		chapters/05_first_patch_peft_trl.ipynb chapters/06_qlora.ipynb; chapters=$$?; \
+		chapters/05_first_patch_peft_trl.ipynb chapters/06_qlora.ipynb \
+		chapters/06b_qlora_training.ipynb; chapters=$$?; \
 	$(LATEST)/bin/python -m pip install --dry-run -c requirements/latest-constraints.txt -e ".[train]" \
 		> $(LATEST)/dry-run.txt; ! grep -q "^Would install.* transformers-" $(LATEST)/dry-run.txt; kept=$$?; \
-	echo "test-latest: unit tests exit $$unit, chapters 05-06 exit $$chapters," \
+	echo "test-latest: unit tests exit $$unit, chapters 05-06b exit $$chapters," \
 		"installing lora_lab[train] keeps this transformers: $$(test $$kept -eq 0 && echo yes || echo NO)"; \
 	test $$unit -eq 0 && test $$chapters -eq 0 && test $$kept -eq 0
 

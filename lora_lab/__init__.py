@@ -11,7 +11,7 @@ The package is flat: one module per topic of the book, each importable on its ow
     sizing     meta-device parameter and memory calculators        (chapters 01-02)
     train      a small training loop for any model                 (chapters 01-05)
     adapters   PEFT-format save / load                             (chapter 05)
-    nf4        NF4 quantization and 4-bit layers (QLoRA)           (chapter 06)
+    nf4        NF4 quantization and 4-bit layers (QLoRA)           (chapters 06, 06b)
     bnb_cpu    bitsandbytes' CPU kernel quirks, detected and shown  (chapter 06)
     merge      merge / unmerge / merge_and_unload                  (chapter 07)
     registry   many adapters, LRU on the device (S-LoRA idea)      (chapter 07)

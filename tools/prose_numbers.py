@@ -122,6 +122,7 @@ STRUCTURE = [
     re.compile(r"^\s*(?:\d+\.|\(\d+\))\s", re.M),  # list markers
     re.compile(r"^\*\*\d+\.\*\*\s", re.M),  # self-check question numbers ("**1.** ...")
     re.compile(r"\(\d\)"),  # inline enumerations
+    re.compile(r"\*\*\d+\.\*\*"),  # numbered self-check questions ("**1.** ...")
     re.compile(r"(?<![\d.,])(?:199\d|20[0-3]\d)(?![\d.,%])"),  # years
     re.compile(r"^\|\s*#\s*\|.*$|^\|\s*\d+b?\s*\|", re.M),  # ledger row numbers
 ]

@@ -10,7 +10,7 @@
 # | # | problem | what you see | where it bites |
 # |---|---|---|---|
 # | 1 | {ref}`TRL argument renames <trouble-trl>` | `TypeError: unexpected keyword argument` | {ref}`chapter 05 <claim-sfttrainer>` |
-# | 2 | {ref}`merging a 4-bit model <trouble-4bit-merge>` | a warning, and a merged model that is not the one you trained | {ref}`chapter 06 <claim-4bit-merge>` |
+# | 2 | {ref}`merging a 4-bit model <trouble-4bit-merge>` | a warning, and a merged model that is not the one you trained | {ref}`chapter 06b <claim-4bit-merge>` |
 # | 3 | {ref}`vLLM's max_lora_rank <trouble-vllm-rank>` | `LoRA rank 16 is greater than max_lora_rank 8` | {ref}`chapter 07 <claim-vllm>` |
 # | 4 | {ref}`generation that never stops <trouble-eos>` | output runs to `max_new_tokens` | {ref}`chapter 05 <claim-sfttrainer>` |
 # | 5 | {ref}`alpha vs alpha/r <trouble-alpha>` | an adapter r times too strong (or weak) | {ref}`chapter 04 <claim-alpha-fixed>` |
@@ -259,7 +259,7 @@ assert type(layer).__name__ == "Linear4bit"
 # trained, up to float rounding, at full-precision size. Merging into the *original*
 # full-precision checkpoint, the other common recipe, gives a different model: the adapter
 # was trained on top of the quantization error, which that checkpoint does not have.
-# ({ref}`Chapter 06 <claim-4bit-merge>` weighs all three choices.)
+# ({ref}`Chapter 06b <claim-4bit-merge>` weighs all three choices.)
 
 # %%
 with warnings.catch_warnings():
