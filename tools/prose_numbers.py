@@ -120,7 +120,6 @@ STRUCTURE = [
     re.compile(r"(?i)\b(?:claims?|row)\s+#?\d+"),
     re.compile(r"^#+\s+\d\d\s+\u00b7", re.M),  # "# 04 · r and alpha"
     re.compile(r"^\s*(?:\d+\.|\(\d+\))\s", re.M),  # list markers
-    re.compile(r"^\*\*\d+\.\*\*\s", re.M),  # self-check question numbers ("**1.** ...")
     re.compile(r"\(\d\)"),  # inline enumerations
     re.compile(r"\*\*\d+\.\*\*"),  # numbered self-check questions ("**1.** ...")
     re.compile(r"(?<![\d.,])(?:199\d|20[0-3]\d)(?![\d.,%])"),  # years
