@@ -159,6 +159,26 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
+# The sixteen levels drawn under the normal curve they were cut from, with uniform int4's
+# levels below for comparison. NF4's levels crowd where the weights are and spread out in
+# the tails, so each takes a near-equal share of normally distributed weights
+# ({glue:text}`fig_nf4_low` to {glue:text}`fig_nf4_high`); int4's evenly spaced levels
+# share them out unevenly ({glue:text}`fig_int4_low` to {glue:text}`fig_int4_high`).
+
+# %%
+from lora_lab import diagrams
+
+assert abs(diagrams.NF4_OFFSET - offset) < 1e-7  # the same cut as above
+shares = {"nf4": diagrams.level_shares(NF4),
+          "int4": diagrams.level_shares(nf4.INT4_CODE)}
+spread = {k: max(v) - min(v) for k, v in shares.items()}
+assert spread["nf4"] < spread["int4"] / 3  # quantiles: near-equal shares
+for k, v in shares.items():
+    glue(f"fig_{k}_low", min(v), ".1%")
+    glue(f"fig_{k}_high", max(v), ".1%")
+diagrams.nf4_levels()
+
+# %% [markdown]
 # ## Step 2: blocks, absmax, nearest level, packing
 #
 # Quantizing a whole matrix with one scale would let a single outlier stretch the grid for
