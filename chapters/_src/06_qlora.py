@@ -658,7 +658,8 @@ for name, ws in widths.items():
     print(f"{name}: row lengths {sorted(ws)}, hit at blocksize 64: {hit}")
     assert not hit
 assert bnb_cpu.block_spans_rows((4096, 11008), 1024)  # 11008 = 10.75 x 1024
-glue("llama_rows", " and ".join(map(str, sorted(widths["Llama-2-7B"]))))
+llama_widths = list(map(str, sorted(widths["Llama-2-7B"])))
+glue("llama_rows", " and ".join(llama_widths), zh=" 和 ".join(llama_widths))
 # this machine's kernel: right, or wrong in exactly that way (else fails)
 kernel_here = bnb_cpu.compare_native_dequantize(odd_packed, odd_state)
 

@@ -452,7 +452,9 @@ glue("q_diff_lo", lo, "+.3f")
 glue("q_diff_hi", hi, "+.3f")
 no_cost = lo <= 0 <= hi or diff >= 0
 glue("q_cost", "with no accuracy cost measurable on this many items"
-     if no_cost else "at a measurable cost in accuracy")
+     if no_cost else "at a measurable cost in accuracy",
+     zh="在这么多道题上测不出准确率损失" if no_cost
+     else "准确率有可测的损失")
 
 # %% [markdown]
 # QLoRA's headline claim holds on this model: at full length it scores
@@ -710,7 +712,8 @@ items_lost = [round((unmerged_acc - r["test_accuracy"]) * N_ITEMS)
 assert max(abs(x) for x in items_lost) <= 2  # items
 worst = max(items_lost)
 print("test items lost by re-quantized merges:", items_lost)
-glue("requant_lost", "lost none" if worst <= 0 else f"lost at most {worst}")
+glue("requant_lost", "lost none" if worst <= 0 else f"lost at most {worst}",
+     zh="一道也没有丢" if worst <= 0 else f"最多丢了 {worst} 道")
 glue("requant_logit", min(r["max_logit_diff"] for r in qlora["merges"]
                           if r["merge"] != "full_precision"), ".1f")
 
@@ -850,4 +853,7 @@ card = min(c for c in CARDS_GIB if left[True][c] >= 0)
 glue("sol_cards",
      f"Neither fits {' or '.join(map(str, small))} GiB; on a {card} GiB card"
      f" double quantization leaves {left[True][card]:.1f} GiB for activations"
-     f" against {max(left[False][card], 0):.1f} GiB without it.")
+     f" against {max(left[False][card], 0):.1f} GiB without it.",
+     zh=f"两者都放不进 {' 或 '.join(map(str, small))} GiB；在 {card} GiB 的卡上，"
+     f"双重量化给激活留下 {left[True][card]:.1f} GiB，"
+     f"不用则只剩 {max(left[False][card], 0):.1f} GiB。")

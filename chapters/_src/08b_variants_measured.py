@@ -297,14 +297,22 @@ assert len(gaps[TASKS[0]]) >= 3
 for t in TASKS:
     print(f"{t}: full - LoRA perplexity per seed",
           [round(g, 4) for g in gaps[t]])
-    glue(f"ppl_gap_{t}", span(gaps[t], "+.3f"))
-    glue(f"forget_word_{t}", "raised it more in every seed" if min(gaps[t]) > 0
-         else "raised it more in some seeds and less in others: no finding")
+    glue(f"ppl_gap_{t}", span(gaps[t], "+.3f"),
+         zh=span(gaps[t], "+.3f").replace(" to ", " 至 "))
+    every = min(gaps[t]) > 0
+    glue(f"forget_word_{t}", "raised it more in every seed" if every
+         else "raised it more in some seeds and less in others: no finding",
+         zh="每个种子下都升得更多" if every
+         else "有的种子下升得更多，有的更少：没有结论")
 clear = [t for t in TASKS if min(gaps[t]) > 0]
 glue("forget_summary", "forgot more than plain LoRA in every seed on both tasks"
      if len(clear) == len(TASKS) else
      f"forgot more than plain LoRA in every seed only on {', '.join(clear)}"
-     if clear else "did not forget consistently more than plain LoRA")
+     if clear else "did not forget consistently more than plain LoRA",
+     zh="在两个任务上、每个种子下都比普通 LoRA 遗忘得更多"
+     if len(clear) == len(TASKS) else
+     f"只在 {'、'.join(clear)} 上每个种子下都比普通 LoRA 遗忘得更多"
+     if clear else "并没有一贯地比普通 LoRA 遗忘得更多")
 glue("plain_scaling", st["alpha"] / st["r"], "g")
 glue("rs_scaling", st["alpha"] / math.sqrt(st["r"]), ".1f")
 
