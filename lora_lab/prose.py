@@ -23,6 +23,10 @@ import numpy as np
 
 __all__ = ["glue", "bootstrap_accuracy_diff", "seed_spread"]
 
+# An English word in a glued text ("beat", "lost none"); names and numbers ("INT4", "q_proj",
+# "r=16", "1e-05") read the same in both editions and need no translation.
+ENGLISH_WORD = re.compile(r"(?<![\w.=-])[a-z]{2,}(?![\w.=-])")
+
 
 def glue(name: str, value, fmt: str | None = None, *, zh: str | None = None) -> str:
     """Store `value` (formatted with `fmt`) under `name` for the prose; return the text.
@@ -42,7 +46,7 @@ def glue(name: str, value, fmt: str | None = None, *, zh: str | None = None) -> 
         text = f"{int(value):,}"
     else:
         raise TypeError(f"glue {name!r}: give a format for {type(value).__name__} values")
-    if re.search("[A-Za-z]{2,}", text) and zh is None:  # a word, not "1e-05" or "r"
+    if ENGLISH_WORD.search(text) and zh is None:
         raise ValueError(
             f"glue {name!r}: the words {text!r} are pasted into both editions; give their "
             'Chinese too: glue(name, value, zh="...")'

@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import i18n  # noqa: E402
 
+from lora_lab import prose  # noqa: E402
+
 ROLE = re.compile(r"\{([\w:-]+)\}`([^`]*)`")
 CODE = re.compile(r"(?<![`}])`([^`]+)`")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -197,6 +199,6 @@ def test_every_glued_word_has_its_chinese_twin():
         missing += [
             f"{path.stem}: {key} = {text}"
             for key, text in glued.items()
-            if re.search("[A-Za-z]{2,}", text) and not key.endswith("_zh") and key + "_zh" not in glued
+            if prose.ENGLISH_WORD.search(text) and not key.endswith("_zh") and key + "_zh" not in glued
         ]
     assert not missing, "glued words with no Chinese twin:\n" + "\n".join(missing)
