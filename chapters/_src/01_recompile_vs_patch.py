@@ -390,6 +390,16 @@ glue("payoff_live_lora_acc", accuracy[SHORT], ".2f")
 # run stored with this page, full fine-tuning {glue:text}`payoff_live_full_acc` and LoRA
 # {glue:text}`payoff_live_lora_acc`): in the same small budget the recompile learned
 # faster, as the cached run above says, and the patch catches up with more steps.
+#
+# One more thing a ✓ does not say: the scorer compares rows, not queries. On this database a
+# query with a slightly different number can return exactly the reference's rows and count
+# as right, so read a ✓ as "returns the right answer here", not "is the right query".
+
+# %%
+ref = "SELECT name FROM users WHERE city = 'Belmar' AND age > 65;"
+near = ref.replace("65", "63")  # two years off, the same rows here
+print(f"{near!r} scores as right:", evaluate.score_sql(near, ref))
+assert near != ref and evaluate.score_sql(near, ref)
 
 # %% [markdown]
 # ## What each one ships
