@@ -119,16 +119,21 @@ class SideBySide:
         return str(self)
 
     def _repr_html_(self) -> str:
-        cell = 'style="text-align:left; vertical-align:top"'
-        head = "".join(f"<th {cell}>{html.escape(n)}</th>" for n in ["question", *self.answers])
+        # wrap long answers inside their cell, whatever the page's theme does with code
+        style = "text-align:left; vertical-align:top; white-space:normal; overflow-wrap:anywhere"
+        head = "".join(f'<th style="{style}">{html.escape(n)}</th>' for n in ["question", *self.answers])
         rows = []
         for i, question in enumerate(self.questions):
-            cells = [f"<td {cell}>{html.escape(question)}</td>"]
+            cells = [f'<td style="{style}; min-width:10em">{html.escape(question)}</td>']
             for name, column in self.answers.items():
                 mark = self._mark(name, i)
-                mark = f"{mark} " if mark else ""
+                if mark:  # green for right, red for wrong
+                    color = "#1a7f37" if mark == RIGHT else "#cf222e"
+                    mark = f'<span style="color:{color}">{mark}</span> '
                 text = html.escape(_short(column[i], self.max_chars))
-                cells.append(f"<td {cell}>{mark}<code>{text}</code></td>")
+                cells.append(
+                    f'<td style="{style}">{mark}<code style="white-space:pre-wrap">{text}</code></td>'
+                )
             rows.append(f"<tr>{''.join(cells)}</tr>")
         return (
             '<table class="lora-lab-payoff">'

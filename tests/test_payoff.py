@@ -24,7 +24,9 @@ def test_side_by_side_text_and_html():
     page = table._repr_html_()
     assert page.count("<tr>") == 3 and page.count("<th ") == 3
     assert "Hours &lt;today&gt;?" in page and "<today>" not in page  # escaped
-    assert f"{payoff.RIGHT} <code>SELECT COUNT(*) FROM users;</code>" in page
+    right = f'<span style="color:#1a7f37">{payoff.RIGHT}</span> '
+    assert right + '<code style="white-space:pre-wrap">SELECT COUNT(*) FROM users;</code>' in page
+    assert page.count(payoff.RIGHT) == 1 and page.count(payoff.WRONG) == 1  # base: no verdicts
 
 
 @pytest.mark.parametrize(
