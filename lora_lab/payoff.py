@@ -136,6 +136,6 @@ class SideBySide:
                 )
             rows.append(f"<tr>{''.join(cells)}</tr>")
         return (
-            '<table class="lora-lab-payoff">'
+            '<table class="lora-lab-payoff" style="font-size:0.85em">'  # five columns must fit a page
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
         )
