@@ -6,6 +6,7 @@ The package is flat: one module per topic of the book, each importable on its ow
     models     load_base(): the bundled tiny model or any Hub id   (chapter 00)
     data       the generated corpus, probes and task data sets     (chapter 00)
     evaluate   perplexity, probe accuracy, task accuracy           (chapter 01)
+    payoff     base vs adapter answers, side by side             (chapters 01, 05, 07)
     layers     LoRALinear: W0 x + (alpha/r) B A x                  (chapter 02)
     inject     LoRAConfig, add_lora, counting trainable params     (chapters 02-03)
     sizing     meta-device parameter and memory calculators        (chapters 01-02)

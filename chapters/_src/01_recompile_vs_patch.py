@@ -67,12 +67,12 @@ from pathlib import Path
 import torch
 
 import lora_lab
-from lora_lab import data, evaluate, sizing, train
+from lora_lab import data, evaluate, payoff, sizing, train
 from lora_lab.adapters import save_adapter
 from lora_lab.inject import LoRAConfig, add_lora, count_parameters
 from lora_lab.inject import trainable_parameters_line
 from lora_lab.merge import merge_and_unload
-from lora_lab.paths import RESULTS_DIR
+from lora_lab.paths import DATA_DIR, RESULTS_DIR
 from lora_lab.prose import glue
 
 lora_lab.seed_everything(SEED)
@@ -278,6 +278,112 @@ for method, row in cached.items():
           f"{row['probe_accuracy']:>7.2f}")
     glue(f"cached_acc_{method}", row["accuracy"], ".2f")
 glue("cached_items", sweep["eval_items"])
+
+# %% [markdown]
+# (payoff-01)=
+# ## The payoff, in words
+#
+# Accuracy is an average; here is what it averages. The models answer the test questions
+# greedily, and each answer is scored by running its SQL in the sandboxed shop database:
+# ✓ when it returns the reference query's rows, ✗ otherwise. The table shows the first
+# {glue:text}`payoff_show` questions of the test split (a fixed rule, not a choice), and
+# every model also answers the whole split, so each column comes with its accuracy.
+#
+# Besides the base model and this chapter's two short live runs, one more column: a patch
+# that trained for longer. `data/adapters/sql` ships with the book, trained by
+# `benchmarks/ship_adapters.py` with this chapter's LoRA recipe (the cell checks rank,
+# alpha, targets and learning rate) for {glue:text}`payoff_steps` steps of
+# {glue:text}`payoff_batch` examples instead of {glue:text}`payoff_live_steps` of
+# {glue:text}`payoff_live_batch`. There is no longer-trained full fine-tune beside it: it
+# would ship a whole copy of the model.
+
+# %%
+SHIPPED = DATA_DIR / "adapters" / TASK  # trained for the bundled model
+if lora_lab.models.is_bundled(BASE_MODEL):
+    recipe = json.loads((SHIPPED / "metrics.json").read_text())["config"]
+    assert recipe["task"] == TASK and recipe["lr"] == LORA_LR
+    assert (recipe["r"], recipe["lora_alpha"]) == (LORA.r, LORA.lora_alpha)
+    assert recipe["target_modules"] == LORA.target_modules
+    shipped = lora_lab.load_adapter(copy.deepcopy(base), SHIPPED)
+else:  # the shipped adapter fits the bundled model only: use the live run
+    recipe = {"steps": STEPS, "batch_size": BATCH}
+    shipped = runs["lora"]["model"]
+print(f"LoRA, longer: {recipe['steps']} steps x batch {recipe['batch_size']}")
+glue("payoff_steps", recipe["steps"])
+glue("payoff_batch", recipe["batch_size"])
+glue("payoff_live_steps", STEPS)
+glue("payoff_live_batch", BATCH)
+
+# %% tags=["nbval-ignore-output"]
+SHOW = 4  # the first SHOW test questions
+LONG = f"LoRA, {recipe['steps']} steps"
+FULL, SHORT = f"full, {STEPS} steps", f"LoRA, {STEPS} steps"  # live runs
+contenders = {"base": base, FULL: runs["full"]["model"],
+              SHORT: runs["lora"]["model"], LONG: shipped}
+answers, right = {}, {}
+for name, model in contenders.items():  # every test question, greedy
+    answers[name], right[name] = payoff.answer_split(model, tok, TASK)
+accuracy = {name: sum(r) / len(r) for name, r in right.items()}
+print("accuracy on the whole test split:",
+      {name: round(a, 2) for name, a in accuracy.items()})
+questions = [ex["messages"][0]["content"]
+             for ex in data.load_task(TASK, "test")[:SHOW]]
+payoff.SideBySide(questions, {n: a[:SHOW] for n, a in answers.items()},
+                  {n: r[:SHOW] for n, r in right.items()}, max_chars=140)
+
+# %% [markdown]
+# (The live columns come from the short runs above, so that table is not compared; the
+# verdicts below are, for the base model and the shipped adapter.)
+
+# %%
+for name in ("base", LONG):
+    marks = "".join(payoff.RIGHT if r else payoff.WRONG
+                    for r in right[name][:SHOW])
+    print(f"{name:16} first {SHOW}: {marks}  whole split: "
+          f"{sum(right[name])}/{len(right[name])} = {accuracy[name]:.2f}")
+examples = data.load_task(TASK, "test")[:SHOW]
+missed = [(a, ex) for a, ex, r in zip(answers[LONG], examples, right[LONG])
+          if not r]
+if lora_lab.models.is_bundled(BASE_MODEL) and TASK == "sql":
+    assert not any(right["base"])  # the base gets no question right
+    assert not any(payoff.runs_in_shop(a)
+                   for a in answers["base"][:SHOW])  # no SQL for this shop
+    assert accuracy[LONG] >= 0.8 and 0 < len(missed) < SHOW
+    for sql, ex in missed:  # runs; same text as the reference up to WHERE
+        assert payoff.runs_in_shop(sql)
+        assert sql.split("WHERE")[0] == ex["sql"].split("WHERE")[0]
+    assert accuracy[FULL] > accuracy[SHORT]
+    assert accuracy[LONG] > accuracy[SHORT]
+glue("payoff_show", SHOW)
+glue("payoff_base_acc", accuracy["base"], ".2f")
+glue("payoff_long_acc", accuracy[LONG], ".2f")
+glue("payoff_long_right", SHOW - len(missed))
+glue("payoff_live_full_acc", accuracy[FULL], ".2f")
+glue("payoff_live_lora_acc", accuracy[SHORT], ".2f")
+
+# %% [markdown]
+# The base model has never seen the shop's tables: it replies like a customer-service
+# assistant, or writes SQL for the other databases of its pretraining text (patients,
+# loans), which does not run here; it scores {glue:text}`payoff_base_acc` on the whole
+# split. The patch trained for longer writes the
+# shop's SQL; {glue:text}`payoff_long_right` of the first {glue:text}`payoff_show` answers
+# return the right rows, and {glue:text}`payoff_long_acc` of the whole split do. Its
+# misses here are the instructive kind: SQL that runs, with the right tables and the right
+# shape, but a value in the `WHERE` clause that is not the one the question asked for. A
+# score hides that; reading answers shows it. The short live runs sit in between (in the
+# run stored with this page, full fine-tuning {glue:text}`payoff_live_full_acc` and LoRA
+# {glue:text}`payoff_live_lora_acc`): in the same small budget the recompile learned
+# faster, as the cached run above says, and the patch catches up with more steps.
+#
+# One more thing a ✓ does not say: the scorer compares rows, not queries. On this database a
+# query with a slightly different number can return exactly the reference's rows and count
+# as right, so read a ✓ as "returns the right answer here", not "is the right query".
+
+# %%
+ref = "SELECT name FROM users WHERE city = 'Belmar' AND age > 65;"
+near = ref.replace("65", "63")  # two years off, the same rows here
+print(f"{near!r} scores as right:", evaluate.score_sql(near, ref))
+assert near != ref and evaluate.score_sql(near, ref)
 
 # %% [markdown]
 # ## What each one ships

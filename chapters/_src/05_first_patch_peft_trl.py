@@ -68,7 +68,7 @@ from transformers import (
 )
 from trl import SFTConfig, SFTTrainer
 
-from lora_lab import adapters, data, models, sizing, train
+from lora_lab import adapters, data, models, payoff, sizing, train
 from lora_lab.prose import glue
 
 import accelerate
@@ -427,6 +427,90 @@ with torch.no_grad():
     reloaded_logits = patched(**prompt).logits
 assert torch.allclose(trained_logits, reloaded_logits, atol=1e-5)
 print("reloaded adapter = trained adapter")
+
+# %% [markdown]
+# (payoff-05)=
+# ## The payoff: a patch trained for real
+#
+# A few steps showed the mechanics, not the result. What does a patch answer once it has
+# trained? `data/adapters/sql` ships with the book: an adapter for the same task, trained
+# by `benchmarks/ship_adapters.py` with LoRA Lab's own loop (`lora-lab train --config
+# configs/sql.yaml`, the loop the cross-check below holds against `SFTTrainer`) for
+# {glue:text}`payoff_steps` steps of {glue:text}`payoff_batch` examples, with rank
+# {glue:text}`payoff_r` on {glue:text}`payoff_targets` rather than this chapter's
+# `"all-linear"`. It is a PEFT-format folder like ours, so `PeftModel.from_pretrained`
+# loads it, and `disable_adapter()` switches it off to get the base model's answers from
+# the same object.
+
+# %%
+import json
+
+from lora_lab.paths import DATA_DIR
+
+SHIPPED = DATA_DIR / "adapters" / "sql"  # trained for the bundled model
+if models.is_bundled(BASE_MODEL):
+    metrics = json.loads((SHIPPED / "metrics.json").read_text())
+    recipe = metrics["config"]
+    assert recipe["task"] == "sql"
+else:  # it fits the bundled model only: this chapter's adapter stands in
+    recipe = {"steps": SFT_STEPS, "batch_size": BATCH_SIZE, "r": R,
+              "target_modules": ["all-linear"]}
+    SHIPPED = adapter_dir
+shop_sql = PeftModel.from_pretrained(models.load_base(BASE_MODEL)[0], SHIPPED)
+shop_sql.eval()
+print({k: recipe[k] for k in ("steps", "batch_size", "r", "target_modules")})
+glue("payoff_steps", recipe["steps"])
+glue("payoff_batch", recipe["batch_size"])
+glue("payoff_r", recipe["r"])
+glue("payoff_targets", ", ".join(t.removesuffix("_proj")
+                                 for t in recipe["target_modules"]))
+
+# %% [markdown]
+# Each model answers every question of the test split greedily, and each answer is run in
+# the sandboxed shop database: ✓ when it returns the reference query's rows. The table
+# shows the first {glue:text}`payoff_show` questions (a fixed rule, not a choice); the
+# accuracies below it come from the same generations.
+
+# %%
+SHOW = 4  # the first SHOW test questions
+with shop_sql.disable_adapter():  # the same model, patch switched off
+    base_answers, base_right = payoff.answer_split(shop_sql, tok, "sql")
+sql_answers, sql_right = payoff.answer_split(shop_sql, tok, "sql")
+questions = [ex["messages"][0]["content"]
+             for ex in data.load_task("sql", "test")[:SHOW]]
+payoff.SideBySide(
+    questions,
+    {"base (adapter off)": base_answers[:SHOW],
+     "sql adapter": sql_answers[:SHOW]},
+    {"base (adapter off)": base_right[:SHOW], "sql adapter": sql_right[:SHOW]},
+    max_chars=140)
+
+# %%
+accuracy = {"base": sum(base_right) / len(base_right),
+            "sql adapter": sum(sql_right) / len(sql_right)}
+print(f"whole test split ({len(sql_right)} questions):",
+      {k: f"{v:.2f}" for k, v in accuracy.items()})
+if models.is_bundled(BASE_MODEL):
+    assert not any(base_right)  # the base gets no question right
+    assert accuracy["sql adapter"] == metrics["accuracy"]  # as recorded
+    assert sum(sql_right[:SHOW]) >= SHOW // 2
+    assert not any(payoff.runs_in_shop(a) for a in base_answers[:SHOW])
+    for answer, ex, ok in zip(sql_answers, data.load_task("sql", "test"),
+                              sql_right[:SHOW]):  # a miss: right up to WHERE
+        assert ok or answer.split("WHERE")[0] == ex["sql"].split("WHERE")[0]
+glue("payoff_show", SHOW)
+glue("payoff_base_acc", accuracy["base"], ".2f")
+glue("payoff_sql_acc", accuracy["sql adapter"], ".2f")
+glue("payoff_sql_right", sum(sql_right[:SHOW]))
+
+# %% [markdown]
+# With the patch off, the model answers as its pretraining taught it: a shop assistant's
+# reply, or SQL for another database's tables. With the patch on it writes the shop's SQL:
+# {glue:text}`payoff_sql_right` of these {glue:text}`payoff_show` answers return the right
+# rows, and {glue:text}`payoff_sql_acc` of the whole split (the base:
+# {glue:text}`payoff_base_acc`), the accuracy the trainer recorded in `metrics.json`. The
+# misses are worth reading too: the query has the right shape but a wrong value, which a
+# score alone would not tell you.
 
 # %% [markdown]
 # ## Cross-check: the same file in `lora_lab`

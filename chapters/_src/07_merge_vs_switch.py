@@ -74,12 +74,12 @@ import torch
 import transformers
 from peft import PeftModel
 
-from lora_lab import data, serving
+from lora_lab import data, payoff, serving
 from lora_lab.adapters import save_adapter
 from lora_lab.inject import LoRAConfig, add_lora, lora_layers
 from lora_lab.merge import merge_adapters, merge_and_unload
 from lora_lab.merge import unmerge_adapters
-from lora_lab.paths import RESULTS_DIR
+from lora_lab.paths import DATA_DIR, RESULTS_DIR
 from lora_lab.prose import glue
 from lora_lab.registry import AdapterRegistry
 
@@ -491,6 +491,78 @@ theirs = theirs[:, enc["input_ids"].shape[1]:].tolist()
 for n, row in zip(names, ours.tolist()):
     print(f"{str(n):5}", repr(tok.decode(row))[:60])
 assert ours.tolist() == alone == theirs
+
+# %% [markdown]
+# (payoff-07)=
+# ### Real patches: two trained adapters, one base
+#
+# The adapters so far are random: they test the plumbing, not the point. The point is that
+# one base model does different jobs with a different patch switched in. `data/adapters/`
+# ships two adapters trained for the bundled model (chapter 10 serves them): `sql` turns a
+# request into SQL for the shop's database, `support` answers customers as the shop's
+# assistant. One registry loads both; `set_adapter` switches between them, `disable` gives
+# the base back, and all three answer the same questions: the first test question of
+# each task (a fixed rule, not a choice). Each answer is scored by its question's task: SQL
+# must return the reference query's rows in the sandboxed shop database, a reply must state
+# the facts the reference reply states (✓ or ✗). Every model also answers both whole test
+# splits, from which the accuracies below come.
+
+# %%
+SHIPPED = {n: DATA_DIR / "adapters" / n for n in ("sql", "support")}
+if not lora_lab.models.is_bundled(BASE_MODEL):  # they fit the bundled model
+    SHIPPED = {"sql": adapter_dirs["a0"], "support": adapter_dirs["a1"]}
+shop = AdapterRegistry(copy.deepcopy(base))
+for n, path in SHIPPED.items():
+    shop.load(n, path)
+TASKS = ("sql", "support")
+LABEL = {"base": "base", "sql": "sql adapter", "support": "support adapter"}
+answers, right = {}, {}
+for n in LABEL:
+    if n == "base":
+        shop.disable()
+    else:
+        shop.set_adapter(n)  # switch the patch: the base stays where it is
+    for task in TASKS:  # every test question of both tasks, greedy
+        answers[n, task], right[n, task] = payoff.answer_split(
+            shop.model, tok, task)
+shop.disable()
+print(f"{'accuracy':18}" + "".join(f"{t + ' task':>14}" for t in TASKS))
+acc = {k: sum(v) / len(v) for k, v in right.items()}
+for n in LABEL:
+    print(f"{LABEL[n]:18}" + "".join(f"{acc[n, t]:>14.2f}" for t in TASKS))
+
+# %%
+first = [data.load_task(t, "test")[0]["messages"][0]["content"] for t in TASKS]
+payoff.SideBySide(first,
+                  {LABEL[n]: [answers[n, t][0] for t in TASKS] for n in LABEL},
+                  {LABEL[n]: [right[n, t][0] for t in TASKS] for n in LABEL},
+                  max_chars=140)
+
+# %% [markdown]
+# Each patch does its own job, and only its own. Asked for a query, the `sql` adapter writes
+# one that returns the right rows; asked a customer's question, it still writes a query.
+# The `support` adapter answers the customer with the facts right, and answers the request
+# for a query with a reply about the shop. On the whole test splits the `sql` adapter
+# scores {glue:text}`payoff_sql_sql` on SQL and {glue:text}`payoff_sql_support` on support,
+# the `support` adapter {glue:text}`payoff_support_support` and
+# {glue:text}`payoff_support_sql`, the base {glue:text}`payoff_base_sql` and
+# {glue:text}`payoff_base_support`. Switching from one job to the other was a pointer
+# swap in one process: that is what dynamic linking buys.
+
+# %%
+if lora_lab.models.is_bundled(BASE_MODEL):
+    for t in TASKS:  # the first question of each task
+        assert right[t, t][0] and not right["base", t][0]
+    assert answers["sql", "support"][0].startswith("SELECT")
+    assert not answers["support", "sql"][0].startswith("SELECT")
+    assert acc["sql", "sql"] >= 0.8 and acc["support", "support"] >= 0.95
+    assert max(acc["sql", "support"], acc["support", "sql"],
+               acc["base", "sql"], acc["base", "support"]) < 0.05
+for n in LABEL:
+    for t in TASKS:
+        glue(f"payoff_{n}_{t}", acc[n, t], ".2f")
+print("each adapter right on its own task's question, the base on neither:",
+      all(right[t, t][0] and not right["base", t][0] for t in TASKS))
 
 # %% [markdown]
 # ## The throughput benchmark
