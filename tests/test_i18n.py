@@ -75,8 +75,10 @@ def test_catalogs_hold_exactly_the_english_messages(catalogs, tmp_path):
         if doc not in templates:
             problems.append(f"{doc}: catalog of a page no longer in the book")
             continue
-        english = {m.id for m in templates[doc] if m.id}
-        held = {m.id for m in catalogs[doc] if m.id}
+        # A message with no words (a run time in a table cell) reads the same in both editions:
+        # Sphinx shows it as it is, so it may come and go without a catalog update.
+        english = {m.id for m in templates[doc] if m.id and i18n.has_words(m.id)}
+        held = {m.id for m in catalogs[doc] if m.id and i18n.has_words(m.id)}
         problems += [f"{doc}: new English not in the catalog: {m[:80]!r}" for m in sorted(english - held)]
         problems += [
             f"{doc}: catalog message no longer in the English: {m[:80]!r}" for m in sorted(held - english)

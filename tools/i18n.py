@@ -126,6 +126,11 @@ def dump(catalog: Catalog) -> bytes:
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
+def has_words(text: str) -> bool:
+    """Whether a message has anything to translate (letters), unlike "77" or "| 0.5 |"."""
+    return re.search(r"[A-Za-z]", text) is not None
+
+
 def fill(message, compendium: dict[str, str], by_shape: dict[str, tuple[str, str]]) -> bool:
     """Translate a new or fuzzy message from what is already known; True if it was filled.
 
@@ -136,7 +141,7 @@ def fill(message, compendium: dict[str, str], by_shape: dict[str, tuple[str, str
     """
     if message.id in compendium:
         message.string = compendium[message.id]
-    elif not re.search(r"[A-Za-z]", message.id):
+    elif not has_words(message.id):
         message.string = message.id
     elif NUMBER.sub("#", message.id) in by_shape:
         old_id, old_string = by_shape[NUMBER.sub("#", message.id)]

@@ -110,8 +110,7 @@ def write_times_page(times: dict[str, float]) -> None:
         "while other jobs shared the two cores (`make notebooks` on a quiet machine re-measures all of\n"
         "them). A GPU does not make them much faster: on an H100, run cell by cell as scripts, each\n"
         "chapter took 9 to 33 s (2026-11-23), since a model this small cannot keep a GPU busy.\n\n"
-        f"| notebook | seconds |\n|---|---|\n{rows}\n\n"
-        f"Total: {sum(times.values()):.0f} s.\n"
+        f"| notebook | seconds |\n|---|---|\n{rows}\n| total | {sum(times.values()):.0f} |\n"
     )
 
 
