@@ -150,6 +150,8 @@ class MultiLoRALinear(nn.Module):
             hidden = torch.bmm(lora_x, self.rows_A)
             # result + [batch, seq, r] @ [batch, r, out]: every row through its own scaled B
             if result.dtype == hidden.dtype:
+                if not torch.is_grad_enabled():  # serving: add into W0 x where it lies, no copy of it
+                    return result.baddbmm_(hidden, self.rows_B)
                 return torch.baddbmm(result, hidden, self.rows_B)
             return result + torch.bmm(hidden, self.rows_B).to(result.dtype)
         if self.lora_A_stack is None:
