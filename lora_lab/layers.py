@@ -276,8 +276,8 @@ def drop_inputs(x: torch.Tensor, p: float) -> torch.Tensor:
     benchmarks/bench_train_step.py). The masks differ from PEFT's for the same seed; the
     distribution of the update does not.
     """
-    keep = torch.rand_like(x) >= p  # [b, s, in] bool: True with probability 1 - p
-    return x * keep.to(x.dtype)
+    keep = torch.rand_like(x).ge_(p)  # [b, s, in]: 1.0 with probability 1 - p, else 0.0, in place
+    return x * keep
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
