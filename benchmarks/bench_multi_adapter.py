@@ -386,7 +386,7 @@ class VLLMEngine:
 
 # --- per-op profile of one decoding step ------------------------------------------------------
 
-MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::addmm_"}
 
 
 def classify(name: str, shapes: list, rank: int) -> str:
@@ -622,6 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target_modules": TARGETS,
         "repeats": args.repeats,
         "statistic": "median tokens/s over repeats (new tokens; prompt processing included in the time)",
+        "matmul_ops": sorted(MATMULS),  # the operators the profile counts as matmuls
         "vllm_skipped": skip_vllm,
         "vllm_startup": vllm_startup,
         **machine_info(args.threads),
