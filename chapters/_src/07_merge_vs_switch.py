@@ -655,7 +655,7 @@ e64 = steps64["merged_single"]
 gap64 = c64["step_ms_unprofiled"] - e64["step_ms_unprofiled"]
 glue("c_lora64", c64["lora_matmul"], ".0f")
 glue("c_gap64", gap64, ".0f")
-assert 0 < c64["lora_matmul"] < gap64
+assert c64["lora_matmul"] > 0.5 * gap64 > 0
 step = {m: steps64[m]["step_ms_unprofiled"] for m in steps64}
 assert step["peft_mixed"] > 1.15 * step["lora_lab_mixed"]
 cb16 = {"tiny": tiny16[16]["ratios"]["c_over_b"],
@@ -736,8 +736,8 @@ assert share["realistic", "lora_lab_mixed"]["lora_matmul"] < 0.05
 # B for every row, so its LoRA matmuls read rows times rank times (in + out) numbers per
 # layer, however few adapters the batch holds. In the decoding step at
 # {glue:text}`real_b64` rows and {glue:text}`real_apb64` adapters above, they take
-# {glue:text}`c_lora64` ms of the {glue:text}`c_gap64` ms by which (c)'s step is slower
-# than the merged one.
+# {glue:text}`c_lora64` ms, and (c)'s step is {glue:text}`c_gap64` ms slower than the
+# merged one: the gathered matmuls are most of the difference.
 
 # %% [markdown]
 # ### The industrial peer: vLLM in the same stream
@@ -800,15 +800,17 @@ assert start["import_s"] + start["engine_s"] > first_pass
 # smaller groups. Against PEFT's own mixed batch it holds where per-operator overhead
 # dominates a decoding step (the tiny model here; GPUs, by Punica's and S-LoRA's
 # measurements) or where a batch carries many different adapters; at real widths on a
-# CPU, with few adapters per batch, the two are within about ten percent of each other
-# and of a merged model.
+# CPU the two are close to each other and to a merged model: at 16 adapters in batches
+# of {glue:text}`bench_batch`, (b) reaches {glue:text}`real_be16` and (c)
+# {glue:text}`real_ce16` of the merged tokens/s.
 
 # %%
 assert tiny16[16]["ratios"]["c_over_a"] > 3
 assert tiny16[16]["ratios"]["c_over_b"] > 2
 assert real16[16]["ratios"]["c_over_e"] > 0.9
-assert 0.9 < real16[16]["ratios"]["c_over_b"] < 1.1  # within ten percent
-assert real16[16]["ratios"]["b_over_e"] > 0.9
+assert 0.9 < real16[16]["ratios"]["c_over_b"] < 1.1
+assert real16[16]["ratios"]["b_over_e"] > 0.8
+glue("real_be16", real16[16]["ratios"]["b_over_e"], ".2f")
 
 # %% [markdown]
 # (claim-vllm)=
