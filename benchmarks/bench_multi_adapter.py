@@ -36,12 +36,13 @@ reason in the JSON.
 Writes data/results/multi_adapter.json (tiny) or multi_adapter_realistic.json. Run:
 
     python benchmarks/bench_multi_adapter.py --threads 1 --repeats 5            # tiny, ~10 min
-    python benchmarks/bench_multi_adapter.py --shape realistic --threads 1 \
-        --methods peft_set_adapter peft_mixed lora_lab_mixed merged_single --max-switch-adapters 4
+    python benchmarks/bench_multi_adapter.py --shape realistic --threads 1 --repeats 2 \\
+        --methods peft_set_adapter peft_mixed lora_lab_mixed merged_single --max-switch-adapters 1
     python benchmarks/bench_multi_adapter.py --quick    # smoke run, not written unless --out
 
 The realistic shape defaults to 16-token prompts and 8 new tokens (the tiny one to 32 and 16) to
-keep a full run near 20 minutes on one core; the JSON records the lengths used.
+keep a full run near 15 minutes on one core ((a) only with one adapter there, two repeats);
+the JSON records the lengths and repeats used.
 """
 
 from __future__ import annotations
