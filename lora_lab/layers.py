@@ -128,8 +128,11 @@ class LoRALinear(nn.Module):
         if self._disabled or self.merged:
             return result  # the patch is off, or already folded into the base weight
         lora_x = x.to(self.lora_A.weight.dtype)  # the patch computes in its own dtype (fp32)
-        update = self.lora_B(self.lora_A(self.lora_dropout(lora_x)))  # [b, s, in] -> [b, s, r] -> [b, s, out]
-        return (result + update * self.scaling).to(result.dtype)
+        scaling = self.scaling
+        if isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training:
+            lora_x, scaling = drop_inputs(lora_x, self.lora_dropout.p), scaling / (1 - self.lora_dropout.p)
+        update = self.lora_B(self.lora_A(lora_x))  # [b, s, in] -> [b, s, r] -> [b, s, out]
+        return (result + update * scaling).to(result.dtype)
 
     @property
     def disabled(self) -> bool:
@@ -261,6 +264,20 @@ def lora_delta(
         delta = delta.T  # Conv1D keeps [in, out]
     delta = delta * scaling
     return delta.to(dtype) if upcast else delta
+
+
+def drop_inputs(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero each entry of x with probability p: `nn.Dropout(p)` without its 1 / (1 - p) rescale.
+
+    The caller folds 1 / (1 - p) into the LoRA scaling, a plain number, so the rescale costs no
+    pass over x. The mask is a uniform draw compared with p, the same law as `nn.Dropout`'s
+    Bernoulli mask: on the CPU `torch.rand` plus a comparison is cheaper than `bernoulli_`, and
+    dropout masks were the largest cost a training step adds on top of the matmuls (see
+    benchmarks/bench_train_step.py). The masks differ from PEFT's for the same seed; the
+    distribution of the update does not.
+    """
+    keep = torch.rand_like(x).ge_(p)  # [b, s, in]: 1.0 with probability 1 - p, else 0.0, in place
+    return x * keep
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:

@@ -44,6 +44,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ class HostAdapter:
         """The scaling of one layer: its own under rank_pattern / alpha_pattern, else `scaling`."""
         return self.scalings.get(layer_name, self.scaling)
 
-    @property
+    @cached_property  # the weights never change after loading; a mixed batch asks for every adapter
     def nbytes(self) -> int:
         """Bytes the adapter's tensors take (the same on the host and on the device)."""
         return sum(

@@ -79,12 +79,17 @@ class MultiLoRALinear(nn.Module):
 
     def clear(self) -> None:
         """No patch: forward is base_layer(x)."""
-        self.lora_A_stack: torch.Tensor | None = None  # [n, r, in]
-        self.lora_B_stack: torch.Tensor | None = None  # [n, out, r]
-        self.scaling: torch.Tensor | None = None  # [n]
-        self.adapter_ids: torch.Tensor | None = None  # [batch] slot per row; None: slot 0 for every row
-        self.rows_A: torch.Tensor | None = None  # [batch, in, r]: each row's A, transposed for bmm
-        self.rows_B: torch.Tensor | None = None  # [batch, r, out]: each row's B * scaling, transposed
+        # Plain attributes, written to __dict__ in one go: nn.Module.__setattr__ looks through the
+        # parameters, buffers and submodules on every assignment, and a mixed batch resets every
+        # wrapped layer at its start and end.
+        vars(self).update(
+            lora_A_stack=None,  # [n, r, in]
+            lora_B_stack=None,  # [n, out, r]
+            scaling=None,  # [n]
+            adapter_ids=None,  # [batch] slot per row; None: slot 0 for every row
+            rows_A=None,  # [batch, in, r]: each row's A, transposed for bmm
+            rows_B=None,  # [batch, r, out]: each row's B * scaling, transposed
+        )
 
     def set_single(
         self, weight_A: torch.Tensor, weight_B: torch.Tensor, scaling: float | torch.Tensor
@@ -111,31 +116,50 @@ class MultiLoRALinear(nn.Module):
         a decoding step then costs two batched matmuls per layer. Each row's scaling is folded into
         its B, so the patch is added with one fused `baddbmm`.
         """
-        self.lora_A_stack, self.lora_B_stack, self.scaling, self.adapter_ids = stack_A, stack_B, scaling, ids
-        self.rows_A = stack_A[ids].transpose(1, 2).contiguous()  # gather: [batch, r, in] -> [batch, in, r]
-        rows_B = stack_B[ids] * scaling[ids].view(-1, 1, 1)  # gather: [batch, out, r], times alpha / r
-        self.rows_B = rows_B.transpose(1, 2).contiguous()  # [batch, r, out]
+        # gather: [n, in, r] -> [batch, in, r]; index_select of the transposed view writes the rows
+        # contiguously, ready for bmm, in one copy
+        rows_A = torch.index_select(stack_A.transpose(1, 2), 0, ids)
+        scaled_B = (stack_B * scaling.view(-1, 1, 1)).transpose(1, 2)  # [n, r, out]: B * alpha / r
+        rows_B = torch.index_select(scaled_B, 0, ids)  # gather: [batch, r, out]
+        vars(self).update(
+            lora_A_stack=stack_A,
+            lora_B_stack=stack_B,
+            scaling=scaling,
+            adapter_ids=ids,
+            rows_A=rows_A,
+            rows_B=rows_B,
+        )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)  # [batch, seq, out]: W0 x, once for all rows
+        base = self.base_layer
+        if type(base) is nn.Linear and not (args or kwargs or base._forward_hooks or base._forward_pre_hooks):
+            # a plain linear layer: its matmul without one more module call (a decoding step on a
+            # small model is mostly such per-call overhead, see benchmarks/bench_multi_adapter.py)
+            result = F.linear(x, base.weight, base.bias)  # [batch, seq, out]: W0 x, once for all rows
+        else:
+            result = base(x, *args, **kwargs)
+        if self.rows_A is not None:  # one adapter per row: the hot path of a mixed batch
+            if x.dim() != 3 or x.shape[0] != self.rows_A.shape[0]:
+                raise ValueError(
+                    f"this mixed batch was set up for {self.rows_A.shape[0]} rows, but the layer got input of "
+                    f"shape {list(x.shape)}; give one adapter name per row (beam search and "
+                    "num_return_sequences > 1 change the number of rows and are not supported)"
+                )
+            lora_x = x if x.dtype == self.rows_A.dtype else x.to(self.rows_A.dtype)  # patch in fp32
+            # [batch, seq, in] @ [batch, in, r] -> [batch, seq, r]: every row through its own A
+            hidden = torch.bmm(lora_x, self.rows_A)
+            # result + [batch, seq, r] @ [batch, r, out]: every row through its own scaled B
+            if result.dtype == hidden.dtype:
+                if not torch.is_grad_enabled():  # serving: add into W0 x where it lies, no copy of it
+                    return result.baddbmm_(hidden, self.rows_B)
+                return torch.baddbmm(result, hidden, self.rows_B)
+            return result + torch.bmm(hidden, self.rows_B).to(result.dtype)
         if self.lora_A_stack is None:
             return result
-        lora_x = x if x.dtype == self.lora_A_stack.dtype else x.to(self.lora_A_stack.dtype)  # patch in fp32
-        if self.adapter_ids is None:  # every row uses the same adapter: plain matmuls, as in LoRALinear
-            update = F.linear(F.linear(lora_x, self.lora_A_stack[0]), self.lora_B_stack[0]) * self.scaling[0]
-            return result + update.to(result.dtype)
-        if x.dim() != 3 or x.shape[0] != self.rows_A.shape[0]:
-            raise ValueError(
-                f"this mixed batch was set up for {self.rows_A.shape[0]} rows, but the layer got input of shape "
-                f"{list(x.shape)}; give one adapter name per row (beam search and num_return_sequences > 1 "
-                "change the number of rows and are not supported)"
-            )
-        # [batch, seq, in] @ [batch, in, r] -> [batch, seq, r]: every row through its own A
-        hidden = torch.bmm(lora_x, self.rows_A)
-        # result + [batch, seq, r] @ [batch, r, out]: every row through its own scaled B, added in place of W0 x
-        if result.dtype == hidden.dtype:
-            return torch.baddbmm(result, hidden, self.rows_B)
-        return result + torch.bmm(hidden, self.rows_B).to(result.dtype)
+        # every row uses the same adapter: plain matmuls, as in LoRALinear
+        lora_x = x if x.dtype == self.lora_A_stack.dtype else x.to(self.lora_A_stack.dtype)
+        update = F.linear(F.linear(lora_x, self.lora_A_stack[0]), self.lora_B_stack[0]) * self.scaling[0]
+        return result + update.to(result.dtype)
 
     def extra_repr(self) -> str:
         n = 0 if self.lora_A_stack is None else self.lora_A_stack.shape[0]
