@@ -694,7 +694,8 @@ cfg = real["model_config"]
 glue("real_hidden", cfg["hidden_size"])
 glue("real_mlp", cfg["intermediate_size"])
 glue("real_layers", cfg["num_hidden_layers"])
-glue("real_batches", " and ".join(map(str, real["batch_sizes"])))
+glue("real_batches", " and ".join(map(str, real["batch_sizes"])),
+     zh=" 和 ".join(map(str, real["batch_sizes"])))
 glue("real_new", real["new_tokens"])
 glue("real_prompt", real["prompt_tokens_max"])
 
