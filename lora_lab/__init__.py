@@ -16,7 +16,7 @@ The package is flat: one module per topic of the book, each importable on its ow
     bnb_cpu    bitsandbytes' CPU kernel quirks, detected and shown  (chapter 06)
     merge      merge / unmerge / merge_and_unload                  (chapter 07)
     registry   many adapters, LRU on the device (S-LoRA idea)      (chapter 07)
-    serving    batched multi-adapter forward and generation        (chapter 07)
+    serving    batched multi-adapter forward and generation        (chapters 07, 07b)
     variants   rsLoRA, LoRA+, OLoRA, PiSSA, CorDA, LoRA-Null, LoftQ (chapter 08)
     dora       DoRA                                                (chapter 08)
 

@@ -93,7 +93,7 @@ ALLOWED_PATTERNS: dict[str, str] = {
     r"\bseeds? \d+\b": "a seed's name",
     r"\b\d+-bit\b": "a storage format (4-bit, 8-bit)",
     r"(?<![\w.])-100\b": "the label value the loss skips (transformers' ignore index)",
-    r"(?i)\b(?:at|with|plus) 16 adapters\b|\b16 merged models\b|\b16 (?:tasks|adapters)\b": "chapters 07 and 10's setting (16 adapters / tasks in their code)",
+    r"(?i)\b(?:at|with|plus) 16 adapters\b|\b16 merged models\b|\b16 (?:tasks|adapters)\b": "chapters 07, 07b and 10's setting (16 adapters / tasks in their code)",
 }
 
 WORDISH = r"[A-Za-z_\u00b5]"

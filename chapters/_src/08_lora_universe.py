@@ -530,7 +530,7 @@ print("LoftQ: inline (bitsandbytes NF4) == lora_lab; starts closer to W")
 # share the frozen base's forward and backward pass in one batch (and pipeline it across
 # GPUs), instead of each job holding its own copy of the base.
 #
-# Chapter 07 built and timed the heterogeneous batch (`lora_lab.serving`: one gathered
+# Chapters 07 and 07b built and timed the heterogeneous batch (`lora_lab.serving`: one gathered
 # matmul for the whole batch, against PEFT switching adapters per group of requests). Here
 # we check the two facts the S-LoRA and mLoRA designs rest on, on one layer.
 

@@ -265,7 +265,7 @@ assert by_name["full fine-tuning"]["accuracy"] > 0.9
 #
 # ## Where to go next
 #
-# - Serve many adapters for real: vLLM's multi-LoRA server (chapter 07) on a GPU.
+# - Serve many adapters for real: vLLM's multi-LoRA server (chapter 07b) on a GPU.
 # - Read the papers behind each chapter: {cite}`hu2021lora`, {cite}`dettmers2023qlora`,
 #   {cite}`kalajdzievski2023rslora`, {cite}`liu2024dora`, {cite}`sheng2023slora`.
 # - Re-run this book on a real model: set `LORA_LAB_BASE_MODEL` to a Hub id in Colab.

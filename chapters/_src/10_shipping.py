@@ -827,7 +827,7 @@ assert trainable == 24 * 2 * 16 * (1024 + 1024)  # 24 layers, q and v, r=16
 #
 # The English source compares the roads in a table of adjectives. Here is the table again,
 # filled with what this book measured: this chapter's sizes, agreement counts and vLLM
-# timings, and chapter 07's throughput benchmark (`data/results/multi_adapter.json`, 16
+# timings, and chapter 07b's throughput benchmark (`data/results/multi_adapter.json`, 16
 # adapters in the request stream).
 
 # %%

@@ -11,7 +11,7 @@
 # |---|---|---|---|
 # | 1 | {ref}`TRL argument renames <trouble-trl>` | `TypeError: unexpected keyword argument` | {ref}`chapter 05 <claim-sfttrainer>` |
 # | 2 | {ref}`merging a 4-bit model <trouble-4bit-merge>` | a warning, and a merged model that is not the one you trained | {ref}`chapter 06b <claim-4bit-merge>` |
-# | 3 | {ref}`vLLM's max_lora_rank <trouble-vllm-rank>` | `LoRA rank 16 is greater than max_lora_rank 8` | {ref}`chapter 07 <claim-vllm>` |
+# | 3 | {ref}`vLLM's max_lora_rank <trouble-vllm-rank>` | `LoRA rank 16 is greater than max_lora_rank 8` | {ref}`chapter 07b <claim-vllm>` |
 # | 4 | {ref}`generation that never stops <trouble-eos>` | output runs to `max_new_tokens` | {ref}`chapter 05 <claim-sfttrainer>` |
 # | 5 | {ref}`alpha vs alpha/r <trouble-alpha>` | an adapter r times too strong (or weak) | {ref}`chapter 04 <claim-alpha-fixed>` |
 # | 6 | {ref}`parameter counts that look wrong <trouble-param-count>` | a 4-bit model counts far fewer weights than it has | {ref}`chapter 02 <claim-print-trainable>` |
