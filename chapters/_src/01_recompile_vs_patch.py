@@ -469,8 +469,9 @@ cost_ratio = {
 }
 stored = min(cost_ratio["optimizer\nstate"],
              cost_ratio["checkpoint\non disk"])
-assert stored > 10 * max(1.0, cost_ratio["seconds\nper step"],
-                         cost_ratio["memory of\none step"])
+if lora_lab.models.is_bundled(BASE_MODEL):  # measured on this model
+    assert stored > 10 * max(1.0, cost_ratio["seconds\nper step"],
+                             cost_ratio["memory of\none step"])
 glue("fig_stored_ratio", stored, ".0f")
 fig, (ax,) = plot.new_figure(width=7.0, height=3.4)
 plot.plot_bars(list(cost_ratio), list(cost_ratio.values()), ax=ax,
