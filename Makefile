@@ -68,7 +68,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --no-deps -e .
 	$(LATEST)/bin/python -m pip install -q -U -c requirements/latest-constraints.txt $(LATEST_LIBS) \
 		datasets tokenizers safetensors pyyaml tqdm numpy pytest hypothesis nbval ipykernel \
-		matplotlib ipywidgets jupytext nbclient packaging
+		matplotlib ipywidgets plotly jupytext nbclient packaging
 	$(LATEST)/bin/python -c "import importlib.metadata as m; print('latest:', {n: m.version(n) for n in '$(LATEST_LIBS)'.split()})"
 	OMP_NUM_THREADS=1 $(LATEST)/bin/python -m pytest tests -m "not slow" -p no:cacheprovider -q \
 		--ignore=tests/browser --ignore=tests/test_environment.py --ignore=tests/test_notebooks.py \
