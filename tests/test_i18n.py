@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import i18n  # noqa: E402
+import prose_numbers  # noqa: E402
 
 from lora_lab import prose  # noqa: E402
 
@@ -188,16 +189,9 @@ def test_every_glued_word_has_its_chinese_twin():
     """A glued value with words in it ("beat", "lost none") would sit in English inside the
     Chinese text; each needs a `key_zh` twin (lora_lab.prose.glue(..., zh=...)), which the Chinese
     edition pastes instead (_ext/book_assets.py)."""
-    import json
-
     missing = []
     for path in sorted((ROOT / "chapters").glob("*.ipynb")):
-        glued = {}
-        for cell in json.loads(path.read_text())["cells"]:
-            for output in cell.get("outputs", []):
-                name = output.get("metadata", {}).get("scrapbook", {}).get("name")
-                if name:
-                    glued[name] = "".join(output["data"].get("application/papermill.record/text/plain", ""))
+        glued = prose_numbers.glue_values(path)
         missing += [
             f"{path.stem}: {key} = {text}"
             for key, text in glued.items()

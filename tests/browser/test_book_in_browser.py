@@ -82,13 +82,17 @@ def browser():
         b.close()
 
 
-def open_page(browser, url):
-    """Open `url` with outside requests blocked; return (page, console errors, failed requests)."""
+def open_page(browser, url, requests: list | None = None):
+    """Open `url` with outside requests blocked; return (page, console errors, failed requests).
+
+    Given a list, every URL the page requests is appended to it (to check where files come from)."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors, failed = [], []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("requestfailed", lambda r: failed.append(r.url))
+    if requests is not None:
+        page.on("request", lambda r: requests.append(r.url))
     page.route("**/*", lambda route: route.continue_() if "127.0.0.1" in route.request.url else route.abort())
     page.goto(url, wait_until="load")
     return page, errors, failed
@@ -240,13 +244,8 @@ def test_chapter_04_explorer_works_offline_and_its_controls_change_the_plot(serv
     slider, then on its series menu, must change the run plotted: the loss curve and the title."""
     rel = next((p for p in pages() if p.endswith("04_r_and_alpha.html")), None)
     assert rel, "chapter 04 is not in the build"
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    errors, requests = [], []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("request", lambda r: requests.append(r.url))
-    page.route("**/*", lambda route: route.continue_() if "127.0.0.1" in route.request.url else route.abort())
-    page.goto(urljoin(server, rel), wait_until="load")
+    requests = []
+    page, errors, _ = open_page(browser, urljoin(server, rel), requests)
     page.wait_for_selector(f"{EXPLORER} .slider-container", timeout=30_000)
     outside = [u for u in requests if urlparse(u).hostname != "127.0.0.1" and not u.startswith("data:")]
     assert not outside, f"requests leaving the machine: {outside[:5]}"
