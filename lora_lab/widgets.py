@@ -41,6 +41,7 @@ import json
 import math
 from pathlib import Path
 
+from lora_lab.layers import lora_scaling
 from lora_lab.paths import RESULTS_DIR
 
 __all__ = [
@@ -89,7 +90,7 @@ def run_title(run: dict) -> str:
     'r=64, alpha=16, lr=0.003, rsLoRA: scaling alpha/sqrt(r) = 2'
     """
     rs = bool(run.get("use_rslora", False))
-    scaling = run["lora_alpha"] / math.sqrt(run["r"]) if rs else run["lora_alpha"] / run["r"]
+    scaling = lora_scaling(run["r"], run["lora_alpha"], rs)
     rule = "rsLoRA: scaling alpha/sqrt(r)" if rs else "scaling alpha/r"
     return f"r={run['r']}, alpha={run['lora_alpha']:g}, lr={run['lr']:g}, {rule} = {scaling:.3g}"
 
@@ -234,7 +235,7 @@ class SweepExplorer:
         exact = all(
             (run[k] == v if k != "use_rslora" else bool(run.get(k, False)) == v) for k, v in requested.items()
         )
-        scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        scaling = lora_scaling(r, lora_alpha, use_rslora)
         note = "" if exact else (
             f"nearest cached run: r={run['r']}, alpha={run['lora_alpha']:g}, "
             f"{'rsLoRA, ' if run.get('use_rslora') else ''}lr={run['lr']:g}"
